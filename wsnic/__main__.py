@@ -1,0 +1,3 @@
+from wsnic.cli import main
+
+raise SystemExit(main())
