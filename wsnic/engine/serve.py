@@ -1,0 +1,79 @@
+"""What `wsnic apply` does once the network is up: run the relay and supervise the children."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from wsnic.config.models import Profile
+from wsnic.engine.executor import Backends
+from wsnic.engine.journal import Journal
+from wsnic.engine.lifecycle import STOP_SIGNALS, install_signal_handlers
+from wsnic.plan.steps import StartProcess
+from wsnic.relay.server import RelayServer
+
+log = logging.getLogger("wsnic")
+
+MAX_RESTARTS = 5  # per child, over the life of the instance
+SUPERVISE_EVERY = 1.0  # seconds
+
+
+def serve(profile: Profile, backends: Backends, journal: Journal) -> None:
+    """Serve WebSocket clients until SIGINT/SIGTERM/SIGHUP, then return for the rollback."""
+    try:
+        asyncio.run(_serve(profile, backends, journal))
+    finally:
+        # asyncio restored the default dispositions; from here on a signal must not kill us
+        # half-way through giving the host back.
+        install_signal_handlers(shutting_down=True)
+
+
+async def _serve(profile: Profile, backends: Backends, journal: Journal) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, _stop_on, signum, stop)
+    relay = RelayServer(profile, backends.link.attach_port)
+    await relay.start()
+    supervisor = asyncio.create_task(_supervise(backends, journal, stop))
+    try:
+        await stop.wait()
+    finally:
+        supervisor.cancel()
+        await relay.stop()
+
+
+def _stop_on(signum: int, stop: asyncio.Event) -> None:
+    log.info("%s received: stopping", signal.Signals(signum).name)
+    stop.set()
+
+
+async def _supervise(backends: Backends, journal: Journal, stop: asyncio.Event) -> None:
+    """Restart a child (dnsmasq, iperf) that died, a bounded number of times."""
+    restarts: dict[str, int] = {}
+    while not stop.is_set():
+        await asyncio.sleep(SUPERVISE_EVERY)
+        for name, returncode in backends.process.poll_exited():
+            count = restarts.get(name, 0)
+            if count >= MAX_RESTARTS:
+                log.error("%s exited (code %s); restarted %d times already, giving up",
+                          name, returncode, count)
+                continue
+            restarts[name] = count + 1
+            log.warning("%s exited unexpectedly (code %s); restarting (%d/%d)",
+                        name, returncode, count + 1, MAX_RESTARTS)
+            restart_child(name, backends, journal)
+
+
+def restart_child(name: str, backends: Backends, journal: Journal) -> None:
+    for entry in reversed(journal.entries()):
+        if isinstance(entry.step, StartProcess) and entry.step.name == name and not entry.undone:
+            try:
+                inverse = backends.process.apply(entry.step)
+            except Exception as exc:
+                log.error("restarting %s failed: %s", name, exc)
+                return
+            journal.done(entry.seq, inverse)
+            return
+    log.error("%s is not in the journal; not restarted", name)
