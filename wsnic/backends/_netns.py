@@ -21,7 +21,8 @@ _CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"
 
 
-def _setns(netns: str) -> None:
+def enter_netns(netns: str) -> None:
+    """Move the calling thread into `netns` (a name under /run/netns)."""
     path = os.path.join(NETNS_DIR, netns)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -45,7 +46,7 @@ def call_in_netns(netns: str | None, fn: Callable[[], T]) -> T:
 
     def runner() -> None:
         try:
-            _setns(netns)
+            enter_netns(netns)
             result.append(fn())
         except BaseException as exc:  # handed back to the caller's thread below
             error.append(exc)
