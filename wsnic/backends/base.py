@@ -47,6 +47,10 @@ class LinkBackend(Backend, Protocol):
         """Remove every link tagged `owner`; return what was removed."""
         ...
 
+    def close(self) -> None:
+        """Release sockets and threads (idempotent)."""
+        ...
+
 
 class FirewallBackend(Backend, Protocol):
     """InstallFirewall / RemoveFirewall, each one atomic transaction."""

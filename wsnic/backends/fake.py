@@ -145,6 +145,9 @@ class FakeBackend:
     def sysctl(self, name: str) -> str | None:
         return self.host.sysctls.get(name)
 
+    def close(self) -> None:
+        pass
+
     def attach_port(self, port: str, bridge: str) -> None:
         self.host.links[port] = LinkState(port, "tun", "02:00:00:00:00:00", up=True, master=bridge)
 

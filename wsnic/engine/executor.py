@@ -40,6 +40,9 @@ class Backends:
         backend: Backend = getattr(self, step.backend)
         return backend
 
+    def close(self) -> None:
+        self.link.close()
+
 
 def execute(plan: Plan, backends: Backends, journal: Journal, progress: Progress) -> None:
     """Apply every step of `plan`. The journal must have been created (Journal.create)."""
@@ -48,7 +51,8 @@ def execute(plan: Plan, backends: Backends, journal: Journal, progress: Progress
     total = len(plan.steps)
     for index, planned in enumerate(plan.steps, start=1):
         backend = backends.for_step(planned.step)
-        label = f"[{index}/{total}] {planned.marker.value} {planned.step.describe()} ({backend.name})"
+        what = f"{planned.marker.value} {planned.step.describe()} ({backend.name})"
+        label = f"[{index}/{total}] {what}"
         try:
             resolved = backend.prepare(planned.step)
             seq = journal.begin(resolved, resolved.inverse())
