@@ -1,6 +1,6 @@
 """wsnic's command line: the only place where errors become exit codes.
 
-    wsnic plan [PROFILE] [flags]       show what apply would change (exit 0 none, 2 pending, 1 error)
+    wsnic plan [PROFILE] [flags]       what apply would change (exit 0 none, 2 pending, 1 error)
     wsnic apply [PROFILE] [flags]      build the network, serve clients, give the host back on exit
     wsnic rollback [--instance N|--all] [--sweep]   undo what a crashed wsnic left behind
     wsnic status                       instances with a journal, their steps and drift
@@ -43,9 +43,7 @@ it applies the configuration built from its flags and wsnic.conf and serves unti
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    if not args_list or args_list[0] not in (*COMMANDS, "-h", "--help", "--version"):
-        args_list = ["apply", *args_list]  # the original's bare flags mean "apply"
+    args_list = _with_command(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(args_list)
     _setup_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
@@ -60,6 +58,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_ERROR
+
+
+def _with_command(args: list[str]) -> list[str]:
+    """Put the command first: `wsnic -v plan` means `wsnic plan -v`, and the original's bare
+    flags (`wsnic -i -s 10.1.0.0/24`) mean `wsnic apply -i -s 10.1.0.0/24`."""
+    if args and args[0] in ("-h", "--help", "--version"):
+        return args
+    leading = 0
+    while leading < len(args) and args[leading] in ("-v", "-q"):
+        leading += 1
+    if leading < len(args) and args[leading] in COMMANDS:
+        return [args[leading], *args[:leading], *args[leading + 1 :]]
+    return ["apply", *args]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,7 +154,7 @@ def _backend_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--link-backend", choices=("iproute2", "netlink", "auto"),
                        help="links and addresses via `ip` or netlink (default: profile, auto)")
     group.add_argument("--firewall-backend", choices=("iptables", "nftables", "auto"),
-                       help="NAT rules via iptables-restore or libnftables (default: profile, auto)")
+                       help="NAT via iptables-restore or libnftables (default: profile, auto)")
     group.add_argument("--state-dir", type=Path, help="where journals live (default: /run/wsnic)")
 
 
@@ -157,6 +168,9 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+    # Libraries' own debug output (every netlink message) drowns ours; keep them to warnings.
+    for noisy in ("pyroute2", "asyncio", "websockets"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
 # --- profile and backends ----------------------------------------------------------------------
@@ -267,7 +281,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
     if detect_format(path) == "conf":
-        values, warnings = read_wsnic_conf(path)
+        _, warnings = read_wsnic_conf(path)
         for warning in warnings:
             print(f"warning: {warning}", file=sys.stderr)
         profile, _ = build_profile(path, None)

@@ -201,12 +201,23 @@ class Network(_Frozen):
 
     @model_validator(mode="after")
     def _static_leases_inside(self) -> Network:
+        # The network and broadcast addresses are inside the subnet too, but no host can have them.
+        seen_mac: set[str] = set()
+        seen_ip: set[ipaddress.IPv4Address] = set()
         for lease in self.dhcp.static_leases:
-            if lease.ip not in self.subnet or lease.ip == self.gateway:
+            if not self.pool_first <= lease.ip <= self.pool_last:
                 raise ValueError(
-                    f"static lease {lease.ip} must lie in {self.subnet} and not be the gateway "
-                    f"{self.gateway}"
+                    f"static lease {lease.ip} must lie in the pool {self.pool_first}-"
+                    f"{self.pool_last} of {self.subnet} (not the gateway {self.gateway}, the "
+                    "network or the broadcast address)"
                 )
+            if lease.mac in seen_mac or lease.ip in seen_ip:
+                raise ValueError(
+                    f"static lease {lease.mac} -> {lease.ip} repeats a MAC or an address of an "
+                    "earlier lease; each must be unique"
+                )
+            seen_mac.add(lease.mac)
+            seen_ip.add(lease.ip)
         return self
 
 
@@ -235,10 +246,12 @@ class Profile(_Frozen):
             )
         return value
 
-    @model_validator(mode="after")
-    def _networks_distinct(self) -> Profile:
+    # A field validator (not a model validator) so the error's location is `networks`.
+    @field_validator("networks")
+    @classmethod
+    def _networks_distinct(cls, networks: tuple[Network, ...]) -> tuple[Network, ...]:
         seen: dict[str, dict[str, str]] = {"name": {}, "path": {}, "bridge": {}}
-        for net in self.networks:
+        for net in networks:
             for attr in seen:
                 value = str(getattr(net, attr))
                 if value in seen[attr]:
@@ -247,13 +260,14 @@ class Profile(_Frozen):
                         f"{value!r}; each network needs its own"
                     )
                 seen[attr][value] = net.name
-        for i, a in enumerate(self.networks):
-            for b in self.networks[i + 1 :]:
+        for i, a in enumerate(networks):
+            for b in networks[i + 1 :]:
                 if a.subnet.overlaps(b.subnet):
                     raise ValueError(
-                        f"networks {a.name!r} ({a.subnet}) and {b.name!r} ({b.subnet}) overlap"
+                        f"networks {a.name!r} ({a.subnet}) and {b.name!r} ({b.subnet}) overlap; "
+                        "each network needs its own subnet"
                     )
-        return self
+        return networks
 
     def owner(self) -> str:
         """The tag carried by every host object of this instance."""
