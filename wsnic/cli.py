@@ -169,8 +169,16 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     # Libraries' own debug output (every netlink message) drowns ours; keep them to warnings.
-    for noisy in ("pyroute2", "asyncio", "websockets"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # A filter, not setLevel: pyroute2 resets its logger's level when it is imported.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_quiet_libraries)
+
+
+_NOISY = ("pyroute2", "asyncio", "websockets")
+
+
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not record.name.startswith(_NOISY)
 
 
 # --- profile and backends ----------------------------------------------------------------------

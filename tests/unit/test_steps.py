@@ -32,7 +32,9 @@ values = st.sampled_from(["0", "1", "2"])
 argv = st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=5).map(tuple)
 rulesets = st.builds(
     Ruleset,
-    nat=st.lists(st.builds(NatNetwork, names, st.just("10.0.0.0/24"), names), max_size=3).map(tuple),
+    nat=st.lists(
+        st.builds(NatNetwork, names, st.just("10.0.0.0/24"), names), max_size=3
+    ).map(tuple),
     isolated=st.lists(st.builds(IsolatedNetwork, names), max_size=3).map(tuple),
 )
 

@@ -244,7 +244,7 @@ class Journal:
 
 
 def list_journals(state_dir: Path) -> list[JournalInfo]:
-    """Every journal in `state_dir`, with its owner's liveness (for `status` and `rollback --all`)."""
+    """Every journal in `state_dir` and whether its owner lives (`status`, `rollback --all`)."""
     infos: list[JournalInfo] = []
     if not state_dir.is_dir():
         return infos

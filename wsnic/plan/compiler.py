@@ -23,7 +23,6 @@ from wsnic.plan.steps import (
     SetLinkUp,
     SetSysctl,
     StartProcess,
-    Step,
 )
 from wsnic.services.dnsmasq import default_lease_file, dnsmasq_argv
 from wsnic.services.iperf import iperf_argv
@@ -166,10 +165,12 @@ def _service_steps(
 ) -> list[PlannedStep]:
     owner = profile.owner()
     running = {p.name for p in observed.processes if p.owner == owner}
-    steps: list[Step] = []
+    steps: list[StartProcess] = []
     if network.dhcp.enabled:
+        # A lease file the user named is theirs to keep; our default one is scratch.
+        scratch: tuple[str, ...] = ()
         if network.dhcp.lease_file is not None:
-            lease_file, scratch = str(network.dhcp.lease_file), ()
+            lease_file = str(network.dhcp.lease_file)
         else:
             lease_file = default_lease_file(profile.state_dir, profile.name, network.name)
             scratch = (lease_file,)
@@ -184,6 +185,6 @@ def _service_steps(
     if network.iperf.enabled:
         steps.append(StartProcess(f"iperf:{network.bridge}", iperf_argv(network), owner))
     return [
-        PlannedStep(s, Marker.IN_SYNC if s.name in running else Marker.CREATE)  # type: ignore[attr-defined]
+        PlannedStep(s, Marker.IN_SYNC if s.name in running else Marker.CREATE)
         for s in steps
     ]
