@@ -15,6 +15,8 @@ again before it raises, so a failure never leaves half a ruleset behind.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import shlex
 import shutil
 from dataclasses import dataclass, field
@@ -60,6 +62,11 @@ def _hooks(instance: str) -> tuple[_Hook, _Hook]:
 class _Table:
     chains: list[str] = field(default_factory=list)
     rules: list[str] = field(default_factory=list)  # "-A CHAIN ..." exactly as saved
+    policies: dict[str, str] = field(default_factory=dict)  # chain -> policy ("-" for user)
+
+    def is_empty(self) -> bool:
+        """Only built-in chains, all accepting, no rules: the table changes nothing."""
+        return not self.rules and all(p == "ACCEPT" for p in self.policies.values())
 
 
 def _parse_save(text: str) -> dict[str, _Table]:
@@ -75,7 +82,9 @@ def _parse_save(text: str) -> dict[str, _Table]:
         elif current is None:
             continue
         elif line.startswith(":"):
-            current.chains.append(line[1:].split()[0])
+            name, policy = [*line[1:].split(), "-"][:2]
+            current.chains.append(name)
+            current.policies[name] = policy
         elif line.startswith("-A "):
             current.rules.append(line)
     return tables
@@ -161,6 +170,13 @@ class IptablesFirewallBackend:
         return [render(in_netns(self._restore_argv(), self.netns)), *doc]
 
     def prepare(self, step: Step) -> Step:
+        """Record which shared tables the install will create (nf_tables flavour only: there
+        a table exists once something was put in it, and removal can drop it again)."""
+        if isinstance(step, InstallFirewall) and self._nft_flavour():
+            existing = self._observe()
+            fresh = tuple(hook.table for hook in _hooks(step.instance)
+                          if hook.table not in existing)
+            return dataclasses.replace(step, fresh_tables=fresh)
         return step
 
     def apply(self, step: Step) -> Step | None:
@@ -168,6 +184,7 @@ class IptablesFirewallBackend:
             self._install(step)
         elif isinstance(step, RemoveFirewall):
             self._remove(step.instance)
+            self._drop_fresh_tables(step.fresh_tables)
         else:
             raise BackendError(f"iptables backend cannot run {type(step).__name__}")
         return None
@@ -191,6 +208,22 @@ class IptablesFirewallBackend:
         return self._remove(instance)
 
     # --- internals -------------------------------------------------------------------------
+
+    @functools.cache  # noqa: B019 - one answer per backend object, for its whole life
+    def _nft_flavour(self) -> bool:
+        return "nf_tables" in run([self.binary, "--version"], netns=self.netns).stdout
+
+    def _drop_fresh_tables(self, tables: tuple[str, ...]) -> None:
+        """Delete the shared tables our install created, if they hold nothing now."""
+        if not tables or not self._nft_flavour():
+            return
+        saved = self._observe()
+        for name in tables:
+            if name not in ("nat", "filter"):
+                raise BackendError(f"{self.binary}: refusing to drop unexpected table {name!r}")
+            table = saved.get(name)
+            if table is not None and table.is_empty():
+                run(["nft", "delete", "table", "ip", name], netns=self.netns)
 
     def _restore_argv(self) -> list[str]:
         return [self._restore, "--noflush", "-w"]

@@ -216,12 +216,16 @@ class Ruleset:
 
 @dataclass(frozen=True)
 class InstallFirewall(Step):
-    """The whole ruleset of an instance, installed in one transaction."""
+    """The whole ruleset of an instance, installed in one transaction. `fresh_tables` names
+    shared tables the install brings into being (iptables-nft creates `ip nat`/`ip filter` on
+    first use); the backend records them at apply time so that removal drops them again once
+    they are empty, and the host's ruleset reads exactly as before."""
 
     backend: ClassVar[BackendKind] = "firewall"
     instance: str
     owner: str
     ruleset: Ruleset
+    fresh_tables: tuple[str, ...] = ()
 
     def key(self) -> str:
         return f"firewall:{self.instance}"
@@ -232,7 +236,7 @@ class InstallFirewall(Step):
         return f"firewall ruleset wsnic {self.instance}: " + ", ".join(parts)
 
     def inverse(self) -> Step:
-        return RemoveFirewall(self.instance, self.owner, self.ruleset)
+        return RemoveFirewall(self.instance, self.owner, self.ruleset, self.fresh_tables)
 
 
 @dataclass(frozen=True)
@@ -241,6 +245,7 @@ class RemoveFirewall(Step):
     instance: str
     owner: str
     ruleset: Ruleset
+    fresh_tables: tuple[str, ...] = ()
 
     def key(self) -> str:
         return f"firewall:{self.instance}"
@@ -249,7 +254,7 @@ class RemoveFirewall(Step):
         return f"remove firewall ruleset wsnic {self.instance}"
 
     def inverse(self) -> Step:
-        return InstallFirewall(self.instance, self.owner, self.ruleset)
+        return InstallFirewall(self.instance, self.owner, self.ruleset, self.fresh_tables)
 
     @property
     def is_removal(self) -> bool:
@@ -339,7 +344,7 @@ def step_from_json(data: dict[str, Any]) -> Step:
             nat=tuple(NatNetwork(**n) for n in rs.get("nat", ())),
             isolated=tuple(IsolatedNetwork(**i) for i in rs.get("isolated", ())),
         )
-    for name in ("argv", "files"):
+    for name in ("argv", "files", "fresh_tables"):
         if name in fields:
             fields[name] = tuple(fields[name])
     return cls(**fields)
