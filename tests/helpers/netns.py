@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 
@@ -49,3 +50,14 @@ def veth_between(ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
     """A veth pair with one end in each namespace (created in ns_a, peer moved to ns_b)."""
     sh(["ip", "link", "add", if_a, "type", "veth", "peer", "name", if_b, "netns", ns_b],
        netns=ns_a)
+
+
+def settle(ns: str, timeout: float = 5.0) -> None:
+    """Wait (bounded) until IPv6 duplicate address detection is over in `ns`: link-local
+    addresses and their local routes appear a moment after a link goes up, and a snapshot
+    taken before that would differ from one taken after for reasons of timing only."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not sh(["ip", "-6", "addr", "show", "tentative"], netns=ns).stdout.strip():
+            return
+        time.sleep(0.1)

@@ -85,7 +85,7 @@ def apply_and_serve(
         try:
             execute(plan, backends, journal, progress)
             verify(profile, backends)
-            log.info("network of instance %r is up; serving", profile.name)
+            log.info("network of instance %r is up and verified", profile.name)
             serve(profile, backends, journal)
         except Shutdown as stop:
             log.info("%s received: restoring the host", stop)

@@ -11,7 +11,6 @@ from wsnic.engine.executor import Backends
 from wsnic.engine.journal import Journal
 from wsnic.engine.lifecycle import STOP_SIGNALS, install_signal_handlers
 from wsnic.plan.steps import StartProcess
-from wsnic.relay.server import RelayServer
 
 log = logging.getLogger("wsnic")
 
@@ -30,12 +29,15 @@ def serve(profile: Profile, backends: Backends, journal: Journal) -> None:
 
 
 async def _serve(profile: Profile, backends: Backends, journal: Journal) -> None:
+    from wsnic.relay.server import RelayServer  # the data plane; plan/rollback never need it
+
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, _stop_on, signum, stop)
     relay = RelayServer(profile, backends.link.attach_port)
     await relay.start()
+    log.info("serving instance %r; stop with Ctrl-C or SIGTERM to restore the host", profile.name)
     supervisor = asyncio.create_task(_supervise(backends, journal, stop))
     try:
         await stop.wait()
