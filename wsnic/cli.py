@@ -12,10 +12,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,10 @@ from wsnic.config.models import Backends as BackendChoice
 from wsnic.config.models import Profile
 from wsnic.config.schema import render_schema, write_schema
 from wsnic.config.seed import add_seed_flags, read_wsnic_conf
+from wsnic.engine.executor import Backends
 from wsnic.errors import ConfigError, WsnicError
+from wsnic.plan.render import Explain
+from wsnic.plan.steps import Step
 
 log = logging.getLogger("wsnic")
 
@@ -199,14 +203,19 @@ def _load(args: argparse.Namespace) -> Profile:
     return profile.model_copy(update=update) if update else profile
 
 
-def _backends_for(profile: Profile) -> Any:
+@contextlib.contextmanager
+def _backends_for(profile: Profile) -> Iterator[Backends]:
     from wsnic.backends.select import select_backends
 
-    return select_backends(profile.backends.link, profile.backends.firewall)
+    backends = select_backends(profile.backends.link, profile.backends.firewall)
+    try:
+        yield backends
+    finally:
+        backends.close()
 
 
-def _explain(backends: Any) -> Any:
-    def explain(step: Any) -> tuple[str, list[str]]:
+def _explain(backends: Backends) -> Explain:
+    def explain(step: Step) -> tuple[str, list[str]]:
         backend = backends.for_step(step)
         return backend.name, backend.commands(step)
 
@@ -223,15 +232,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from wsnic.plan.render import render_json, render_text
 
     profile = _load(args)
-    backends = _backends_for(profile)
-    plan = compile_plan(profile, observe(backends, profile.name))
-    used = backends_used(backends)
-    if getattr(args, "json", False):
-        print(json.dumps(render_json(plan, _explain(backends), used), indent=2))
-    else:
-        line = ", ".join(f"{kind}={name}" for kind, name in used.items())
-        choice = f" (asked: link={profile.backends.link}, firewall={profile.backends.firewall})"
-        sys.stdout.write(render_text(plan, _explain(backends), line + choice))
+    with _backends_for(profile) as backends:
+        plan = compile_plan(profile, observe(backends, profile.name))
+        explain = _explain(backends)
+        used = backends_used(backends)
+        if getattr(args, "json", False):
+            print(json.dumps(render_json(plan, explain, used), indent=2))
+        else:
+            line = ", ".join(f"{kind}={name}" for kind, name in used.items())
+            asked = f"link={profile.backends.link}, firewall={profile.backends.firewall}"
+            sys.stdout.write(render_text(plan, explain, f"{line} (asked: {asked})"))
     if plan.conflicts:
         return EXIT_ERROR
     return EXIT_PENDING if plan.pending else EXIT_OK
@@ -244,8 +254,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from wsnic.engine.serve import serve
 
     profile = _load(args)
-    backends = _backends_for(profile)
-    apply_and_serve(profile, backends, log.info, serve, recover=args.recover)
+    with _backends_for(profile) as backends:
+        apply_and_serve(profile, backends, log.info, serve, recover=args.recover)
     log.info("host restored; bye")
     return EXIT_OK
 

@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from wsnic import tags
 from wsnic.errors import BackendError
 from wsnic.plan.steps import Ruleset
 
@@ -53,8 +54,7 @@ class Rule:
 
 def owner_tag(instance: str) -> str:
     """The tag every firewall object of `instance` carries (comment, owner)."""
-    check_instance(instance)
-    return f"wsnic:{instance}"
+    return tags.owner_tag(check_instance(instance))
 
 
 def check_instance(instance: str) -> str:

@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from wsnic.tags import owner_tag
+
 DEFAULT_SUBNET = "192.168.86.0/24"
 DEFAULT_BRIDGE = "wsbr0"
 DEFAULT_TAP_PATTERN = "wstap%d"
@@ -271,7 +273,7 @@ class Profile(_Frozen):
 
     def owner(self) -> str:
         """The tag carried by every host object of this instance."""
-        return f"wsnic:{self.name}"
+        return owner_tag(self.name)
 
     def network_for_path(self, path: str) -> Network | None:
         """The network a WebSocket URL path selects; the first one also answers '/'."""

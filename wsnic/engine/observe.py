@@ -5,6 +5,7 @@ from __future__ import annotations
 from wsnic.engine.executor import Backends
 from wsnic.plan.compiler import IP_FORWARD
 from wsnic.plan.observed import HostSnapshot
+from wsnic.tags import owner_tag
 
 
 def observe(backends: Backends, instance: str) -> HostSnapshot:
@@ -15,5 +16,5 @@ def observe(backends: Backends, instance: str) -> HostSnapshot:
         routes=tuple(backends.link.routes()),
         sysctls={IP_FORWARD: forward} if forward is not None else {},
         firewall_installed=backends.firewall.installed(instance),
-        processes=tuple(backends.process.running(f"wsnic:{instance}")),
+        processes=tuple(backends.process.running(owner_tag(instance))),
     )

@@ -11,6 +11,7 @@ from wsnic.engine.executor import Backends, Progress, rollback
 from wsnic.engine.journal import InstanceLock, Journal, list_journals
 from wsnic.engine.observe import observe
 from wsnic.plan.steps import StartProcess
+from wsnic.tags import owner_tag
 
 DEFAULT_INSTANCE = "wsnic"
 
@@ -64,7 +65,7 @@ def _rollback_one(
         else:
             progress(f"instance {instance}: no journal in {state_dir}; nothing to roll back")
         if sweep:
-            owner = f"wsnic:{instance}"
+            owner = owner_tag(instance)
             removed = [
                 *backends.process.sweep(owner),
                 *backends.firewall.sweep(instance),

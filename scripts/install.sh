@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install what wsnic needs on Debian 12 (as root): system tools and a virtualenv in .venv.
+# Usage: scripts/install.sh [--test]   (--test adds the test and lint tools)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(iproute2 nftables libnftables1 iptables dnsmasq-base iperf procps python3 python3-venv)
+test_packages=(busybox isc-dhcp-client openssl)
+want=("${packages[@]}")
+[ "${1:-}" = "--test" ] && want+=("${test_packages[@]}")
+
+missing=()
+for pkg in "${want[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing Debian packages: ${missing[*]}"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+extra=""
+[ "${1:-}" = "--test" ] && extra="[test]"
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e ".${extra}"
