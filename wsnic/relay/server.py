@@ -1,0 +1,604 @@
+"""The data plane: WebSocket clients <-> TAP ports on the networks' bridges, on asyncio.
+
+One `_Connection` (an asyncio.Protocol) per TCP connection drives a websockets sans-I/O
+ServerProtocol. The hot paths do no per-frame await or task:
+
+* TAP -> client: `loop.add_reader` on the TAP fd; each wake-up reads frames until EAGAIN (at most
+  READ_BATCH) and hands all of them to the transport in one `writelines`. While the transport's
+  buffer is above its high-water mark (pause_writing) frames are read and dropped, as a full NIC
+  queue would, so memory per client stays bounded.
+* client -> TAP: every binary message is written with one os.write; a TAP that cannot take it
+  (EAGAIN/ENOBUFS) drops the frame.
+
+One periodic timer serves every connection: handshake deadline, idle pings and timeouts, and the
+grace period of connections that are closing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import errno
+import logging
+import os
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from websockets.exceptions import PayloadTooBig
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
+
+from wsnic.config.models import Profile
+from wsnic.errors import BackendError, ConfigError
+from wsnic.relay import http as answers
+from wsnic.relay.frames import Drop, ws_binary_header
+from wsnic.relay.session import Counters, IdleAction, Phase, Policy, Session
+from wsnic.relay.tap import open_tap
+
+log = logging.getLogger("wsnic.relay")
+
+AttachPort = Callable[[str, str], None]
+TapOpener = Callable[[str], tuple[int, str, str]]
+
+# Transport buffer bounds towards one client: above HIGH, frames to it are dropped.
+WRITE_HIGH = 256 * 1024
+WRITE_LOW = 64 * 1024
+# Frames read from one TAP per wake-up; the reader is level-triggered, so the rest follows on
+# the next loop iteration after other clients had their turn.
+READ_BATCH = 128
+# Messages above max_frame_size are dropped and counted; above this multiple of it the protocol
+# layer refuses to buffer them at all and closes the connection (1009).
+HARD_LIMIT_FACTOR = 4
+# Frames that arrive pipelined behind the upgrade request, kept while the TAP is attached.
+MAX_PENDING = 64
+# How long a closing connection may take to flush before it is aborted.
+CLOSE_GRACE = 2.0
+ATTACH_WAIT = 10.0
+
+_DATA_OPCODES = (Opcode.CONT, Opcode.TEXT, Opcode.BINARY)
+_TAP_FULL_ERRNOS = (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM, errno.EIO)
+
+
+class _QuietLog(logging.LoggerAdapter[logging.Logger]):
+    """websockets logs every open and close at INFO; the relay logs richer lines itself."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level >= logging.WARNING or self.logger.isEnabledFor(logging.DEBUG):
+            super().log(level, msg, *args, **kwargs)
+
+
+_protocol_log = _QuietLog(logging.getLogger("wsnic.relay.websockets"), {})
+
+
+def _first_offered(_: ServerProtocol, offered: Any) -> Subprotocol | None:
+    # Browsers fail the handshake when they offered a subprotocol and get none back; the frame
+    # format does not depend on it, so accept whatever the client calls it.
+    return offered[0] if offered else None
+
+
+def _peer_name(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = str(peer[0])
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return str(peer or "unknown")
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP (or TLS) connection: HTTP upgrade, then frames both ways."""
+
+    def __init__(self, server: RelayServer, tls: bool) -> None:
+        self.server = server
+        self.tls = tls
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.protocol = ServerProtocol(
+            max_size=server.protocol_max_size,
+            select_subprotocol=_first_offered,
+            logger=_protocol_log,
+        )
+        self.session = Session("?", server.policy, self.loop.time())
+        self.tap_fd: int | None = None
+        self.attaching = False
+        self.attach_future: asyncio.Future[None] | None = None
+        self.paused = False  # the transport's buffer is over WRITE_HIGH
+        self.closing = False
+        self.close_deadline = 0.0
+        self.reason = ""
+        self.pending: list[Frame] = []
+        self.read_size = server.policy.max_frame_size
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        self.session.peer = _peer_name(transport)
+        self.server.connections.add(self)
+        self.server.stats["connections"] += 1
+        if self.server.stopping:
+            self.close("server stopping")
+
+    def data_received(self, data: bytes) -> None:
+        self.session.last_heard = self.loop.time()
+        protocol = self.protocol
+        try:
+            protocol.receive_data(data)
+            events = protocol.events_received()
+            if events:
+                self._handle(events)
+            self._flush()
+        except Exception:
+            log.exception("%s: unexpected error; dropping this client", self.session.peer)
+            self.abort("internal error")
+
+    def eof_received(self) -> bool | None:
+        if not self.reason and self.protocol.state is State.OPEN:
+            self.reason = "client closed the TCP connection without a close frame"
+        try:
+            self.protocol.receive_eof()
+            self._flush()
+        except Exception:
+            log.exception("%s: unexpected error at EOF", self.session.peer)
+        return False  # let the transport close itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release_tap()
+        self.server.connections.discard(self)
+        session = self.session
+        if not self.reason:
+            self.reason = f"connection lost: {exc}" if exc else "connection closed"
+        now = self.loop.time()
+        if session.tap:
+            log.info("%s", session.summary(self.reason, now))
+        else:
+            log.debug("%s: closed before the upgrade (%s)", session.peer, self.reason)
+        session.phase = Phase.CLOSED
+        self.server.departed(session.counters)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+
+    # --- WebSocket events -------------------------------------------------------------------
+
+    def _handle(self, events: list[Any]) -> None:
+        session = self.session
+        for event in events:
+            if event.__class__ is Frame:
+                opcode = event.opcode
+                if opcode in _DATA_OPCODES:
+                    if session.phase is not Phase.OPEN:
+                        self._hold(event)
+                        continue
+                    frame = session.on_data(opcode, event.data, event.fin)
+                    if frame is not None:
+                        self._to_tap(frame)
+                elif opcode is Opcode.CLOSE:
+                    close = self.protocol.close_rcvd
+                    self._client_left(f"closed by client ({close})" if close else "closed")
+                # PING is answered by the protocol itself; PONG only proves life (last_heard).
+            elif isinstance(event, Request):
+                self._on_request(event)
+
+    def _hold(self, frame: Frame) -> None:
+        if len(self.pending) < MAX_PENDING:
+            self.pending.append(frame)
+        else:
+            self.session.drop(Drop.TAP_FULL)
+
+    def _to_tap(self, frame: Any) -> None:
+        fd = self.tap_fd
+        if fd is None:
+            return  # closing: the client's last words have nowhere to go
+        try:
+            os.write(fd, frame)
+        except OSError as exc:
+            if exc.errno in _TAP_FULL_ERRNOS:
+                self.session.drop(Drop.TAP_FULL)
+            else:
+                self.close(f"writing to {self.session.tap} failed: {exc.strerror}")
+            return
+        counters = self.session.counters
+        counters.frames_in += 1
+        counters.bytes_in += len(frame)
+
+    def _flush(self) -> None:
+        """Send what the protocol produced; an empty chunk means: close the connection."""
+        writes = self.protocol.data_to_send()
+        if not writes or self.transport is None:
+            return
+        chunks = [w for w in writes if w]
+        if chunks:
+            self.transport.writelines(chunks)
+        if len(chunks) != len(writes):
+            self._on_protocol_eof()
+
+    def _on_protocol_eof(self) -> None:
+        protocol = self.protocol
+        if not self.reason:
+            if protocol.handshake_exc is not None and protocol.state is State.CONNECTING:
+                cause = protocol.handshake_exc.__cause__ or protocol.handshake_exc
+                self.reason = f"no valid HTTP request: {cause}"
+                self.server.stats["bad_requests"] += 1
+            elif protocol.parser_exc is not None:
+                self.reason = f"protocol error: {protocol.parser_exc}"
+                if isinstance(protocol.parser_exc, PayloadTooBig):
+                    self.session.drop(Drop.OVERSIZED)
+            elif protocol.close_rcvd is not None:
+                self.reason = f"closed by client ({protocol.close_rcvd})"
+            else:
+                self.reason = "connection closed"
+        self._release_tap()
+        self._start_closing()
+
+    # --- upgrade ----------------------------------------------------------------------------
+
+    def _on_request(self, request: Request) -> None:
+        server = self.server
+        session = self.session
+        path = request.path.split("?", 1)[0]  # the query may carry a token: never logged
+        if server.profile.server.trust_proxy:
+            forwarded = answers.forwarded_for(request)
+            if forwarded:
+                session.peer = f"{forwarded} (via {session.peer})"
+        if server.stopping:
+            self.reason = "server stopping"
+            self.protocol.send_response(answers.unavailable(server.profile.server.max_clients))
+            return
+        decision = answers.answer(self.protocol, request, server.profile, server.client_count)
+        if decision.network is None:
+            status = decision.response.status_code
+            server.stats[f"refused_{status}"] = server.stats.get(f"refused_{status}", 0) + 1
+            self.reason = f"refused with HTTP {status}: {decision.why}"
+            log.info("%s: %s %s refused with HTTP %d: %s", session.peer, request.method,
+                     path, status, decision.why)
+            self.protocol.send_response(decision.response)
+            return
+        network = decision.network
+        try:
+            fd, tap, mac = server.tap_opener(server.profile.server.tap_name)
+        except Exception as exc:
+            log.error("%s: cannot create a TAP: %s", session.peer, exc)
+            server.stats["failed_setup"] += 1
+            self.reason = f"no TAP: {exc}"
+            self.protocol.send_response(answers.internal_error())
+            return
+        self.tap_fd = fd
+        server.tap_holders += 1
+        session.phase = Phase.ATTACHING
+        session.network, session.tap, session.mac = network.name, tap, mac
+        self.attaching = True
+        server.attaching.add(self)
+        assert self.transport is not None
+        self.transport.pause_reading()  # frames wait in the socket until the port is ready
+        future = server.attach(tap, network.bridge)
+        self.attach_future = future
+        future.add_done_callback(
+            lambda done: self._attached(done, decision.response, network.bridge, path)
+        )
+
+    def _attached(self, done: asyncio.Future[None], response: Any, bridge: str,
+                  path: str) -> None:
+        self.attaching = False
+        self.server.attaching.discard(self)
+        session = self.session
+        try:
+            if self.closing or self.transport is None or self.transport.is_closing():
+                self._release_tap()
+                return
+            exc = done.exception() if not done.cancelled() else asyncio.CancelledError()
+            if exc is not None:
+                log.error("%s: attaching %s to %s failed: %s", session.peer, session.tap,
+                          bridge, exc)
+                self.server.stats["failed_setup"] += 1
+                self.reason = f"attaching {session.tap} to {bridge} failed"
+                self._release_tap()
+                self.protocol.send_response(answers.internal_error())
+                self._flush()
+                return
+            self.protocol.send_response(response)
+            session.phase = Phase.OPEN
+            now = self.loop.time()
+            session.last_heard = session.last_ping = now
+            self.server.stats["upgrades"] += 1
+            assert self.tap_fd is not None
+            self.loop.add_reader(self.tap_fd, self._on_tap_readable)
+            log.info("%s connected on %s: network %s (%s), %s %s", session.peer, path,
+                     session.network, bridge, session.tap, session.mac)
+            self._flush()
+            pending, self.pending = self.pending, []
+            if pending:
+                self._handle(pending)
+                self._flush()
+            self.transport.resume_reading()
+        except Exception:
+            log.exception("%s: unexpected error after attaching", session.peer)
+            self.abort("internal error")
+
+    # --- TAP -> client ----------------------------------------------------------------------
+
+    def _on_tap_readable(self) -> None:
+        try:
+            self._relay_from_tap()
+        except Exception:
+            log.exception("%s: unexpected error reading %s", self.session.peer, self.session.tap)
+            self.abort("internal error")
+
+    def _relay_from_tap(self) -> None:
+        fd = self.tap_fd
+        transport = self.transport
+        if fd is None or transport is None:
+            return
+        out: list[bytes] = []
+        nbytes = 0
+        dropped = 0
+        slow = self.paused
+        read = os.read
+        size = self.read_size
+        try:
+            for _ in range(READ_BATCH):
+                frame = read(fd, size)
+                if slow:
+                    dropped += 1
+                    continue
+                out.append(ws_binary_header(len(frame)))
+                out.append(frame)
+                nbytes += len(frame)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self.close(f"reading {self.session.tap} failed: {exc.strerror}")
+            return
+        counters = self.session.counters
+        if out:
+            transport.writelines(out)
+            counters.frames_out += len(out) // 2
+            counters.bytes_out += nbytes
+        if dropped:
+            counters.drops[Drop.CLIENT_SLOW] += dropped
+
+    def _release_tap(self) -> None:
+        """Stop relaying and close the TAP (the kernel removes it with the fd).
+
+        While the attach runs in its thread, the fd stays open so that the TAP name cannot be
+        reused by another client meanwhile; the attach callback closes it.
+        """
+        fd = self.tap_fd
+        if fd is None or self.attaching:
+            return
+        self.tap_fd = None
+        self.server.tap_holders -= 1
+        self.loop.remove_reader(fd)
+        os.close(fd)
+
+    # --- closing ----------------------------------------------------------------------------
+
+    def _client_left(self, reason: str) -> None:
+        if not self.reason:
+            self.reason = reason
+        self._release_tap()
+
+    def close(self, reason: str, code: int = 1000) -> None:
+        """Close politely: a close frame if the WebSocket is open, then the TCP connection."""
+        if self.closing:
+            return
+        if not self.reason:
+            self.reason = reason
+        self._release_tap()
+        if self.protocol.state is State.OPEN:
+            self.protocol.send_close(code, reason[:100])
+        chunks = [w for w in self.protocol.data_to_send() if w]
+        if chunks and self.transport is not None:
+            self.transport.writelines(chunks)
+        self._start_closing()
+
+    def _start_closing(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self.close_deadline = self.loop.time() + CLOSE_GRACE
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self, reason: str) -> None:
+        if not self.reason:
+            self.reason = reason
+        self._release_tap()
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def tick(self, now: float) -> None:
+        if self.closing:
+            if now >= self.close_deadline and self.transport is not None:
+                self.transport.abort()  # the peer does not read what is left: give up
+            return
+        action = self.session.idle_action(now)
+        if action is IdleAction.NONE:
+            return
+        if action is IdleAction.PING:
+            self.protocol.send_ping(b"wsnic")
+            self._flush()
+        elif action is IdleAction.DROP_IDLE:
+            self.close(f"idle timeout: silent for {now - self.session.last_heard:.1f} s", 1001)
+        elif action is IdleAction.DROP_HANDSHAKE:
+            self.close("no WebSocket upgrade in time")
+
+
+class RelayServer:
+    """Listen for WebSocket clients and give each one a TAP port on its network's bridge.
+
+    `attach_port(tap, bridge)` enslaves a TAP to a bridge and brings it up; it runs on a worker
+    thread (it may run a command), one call at a time, so it needs no thread safety.
+    """
+
+    def __init__(self, profile: Profile, attach_port: AttachPort, *,
+                 tap_opener: TapOpener = open_tap) -> None:
+        self.profile = profile
+        self.attach_port = attach_port
+        self.tap_opener = tap_opener
+        srv = profile.server
+        self.policy = Policy(
+            max_frame_size=srv.max_frame_size,
+            ping_interval=srv.ping_interval,
+            ping_timeout=srv.ping_timeout,
+            handshake_timeout=srv.ping_interval,
+        )
+        self.protocol_max_size = HARD_LIMIT_FACTOR * srv.max_frame_size
+        self.tick_interval = max(0.05, min(1.0, srv.ping_interval / 4))
+        self.connections: set[_Connection] = set()
+        self.attaching: set[_Connection] = set()  # TAP open, attach_port running
+        self.tap_holders = 0
+        self.stopping = False
+        self.stats: dict[str, int] = {
+            "connections": 0, "upgrades": 0, "bad_requests": 0, "failed_setup": 0,
+        }
+        self._departed = Counters()
+        self._servers: list[asyncio.Server] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "RelayServer.start() was not called"
+        return self._loop
+
+    @property
+    def client_count(self) -> int:
+        """Clients holding a TAP (relaying, or being attached)."""
+        return self.tap_holders
+
+    @property
+    def counters(self) -> Counters:
+        """Totals over every client so far, those connected included."""
+        total = Counters()
+        total.add(self._departed)
+        for conn in self.connections:
+            total.add(conn.session.counters)
+        return total
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """(host, port) of every listening socket."""
+        out: list[tuple[str, int]] = []
+        for server in self._servers:
+            for sock in server.sockets:
+                name = sock.getsockname()
+                out.append((str(name[0]), int(name[1])))
+        return out
+
+    def departed(self, counters: Counters) -> None:
+        self._departed.add(counters)
+
+    def attach(self, tap: str, bridge: str) -> asyncio.Future[None]:
+        assert self._pool is not None
+        return self.loop.run_in_executor(self._pool, self.attach_port, tap, bridge)
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        tls = self.profile.server.tls
+        assert tls.certificate is not None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(tls.certificate, tls.private_key)
+        except (OSError, ssl.SSLError) as exc:
+            key = f" with key {tls.private_key}" if tls.private_key else ""
+            raise ConfigError(
+                f"cannot load the TLS certificate {tls.certificate}{key}: {exc}"
+            ) from exc
+        return context
+
+    async def _listen(self, port: int, context: ssl.SSLContext | None) -> None:
+        host = str(self.profile.server.address)
+        tls = context is not None
+        try:
+            server = await self.loop.create_server(
+                lambda: _Connection(self, tls),
+                host,
+                port,
+                reuse_address=True,
+                ssl=context,
+                ssl_handshake_timeout=self.policy.handshake_timeout if tls else None,
+            )
+        except OSError as exc:
+            raise BackendError(
+                f"cannot listen on {host}:{port} ({'wss' if tls else 'ws'}): {exc.strerror}"
+            ) from exc
+        self._servers.append(server)
+        log.info("listening on %s://%s:%d", "wss" if tls else "ws", host, port)
+
+    async def start(self) -> None:
+        """Listen on ws_port, and on wss_port when a certificate is configured."""
+        self._loop = asyncio.get_running_loop()
+        srv = self.profile.server
+        context = self._ssl_context() if srv.tls.certificate is not None else None
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="wsnic-attach"
+        )
+        try:
+            await self._listen(srv.ws_port, None)
+            if context is not None:
+                await self._listen(srv.wss_port, context)
+        except BaseException:
+            await self.stop()
+            raise
+        self._timer = self.loop.call_later(self.tick_interval, self._tick)
+        for net in self.profile.networks:
+            log.info("network %s: path %s -> bridge %s", net.name, net.path, net.bridge)
+
+    def _tick(self) -> None:
+        now = self.loop.time()
+        for conn in list(self.connections):
+            try:
+                conn.tick(now)
+            except Exception:
+                log.exception("%s: unexpected error in the periodic check", conn.session.peer)
+                conn.abort("internal error")
+        self._timer = self.loop.call_later(self.tick_interval, self._tick)
+
+    async def stop(self) -> None:
+        """Stop listening and close every client; every TAP is gone when this returns."""
+        if self.stopping:
+            return
+        self.stopping = True
+        if self._loop is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.close("server stopping", 1001)
+        futures = [c.attach_future for c in self.attaching if c.attach_future is not None]
+        if futures:
+            await asyncio.wait(futures, timeout=ATTACH_WAIT)
+            await asyncio.sleep(0)  # let the attach callbacks close their TAPs
+        deadline = self.loop.time() + CLOSE_GRACE
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections) + list(self.attaching):
+            conn.attaching = False  # a hung attach must not keep the TAP
+            conn.abort("server stopping")
+        self.attaching.clear()
+        await asyncio.sleep(0)
+        for server in self._servers:
+            # Python >= 3.12 also waits for connections still in their TLS handshake here.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), CLOSE_GRACE)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        total = self.counters
+        log.info("relay stopped: %d connections, %d clients; %s", self.stats["connections"],
+                 self.stats["upgrades"], total.describe())
