@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh --test
-.venv/bin/ruff check wsnic tests bench
+.venv/bin/ruff check .
 .venv/bin/mypy wsnic
 exec .venv/bin/pytest -q -p no:cacheprovider "$@"
