@@ -28,6 +28,7 @@ from wsnic.config.schema import render_schema, write_schema
 from wsnic.config.seed import add_seed_flags, read_wsnic_conf
 from wsnic.engine.executor import Backends
 from wsnic.errors import ConfigError, WsnicError
+from wsnic.logs import setup_logging
 from wsnic.plan.render import Explain
 from wsnic.plan.steps import Step
 
@@ -168,21 +169,7 @@ def _log_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
-    # Libraries' own debug output (every netlink message) drowns ours; keep them to warnings.
-    # A filter, not setLevel: pyroute2 resets its logger's level when it is imported.
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_quiet_libraries)
-
-
-_NOISY = ("pyroute2", "asyncio", "websockets")
-
-
-def _quiet_libraries(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or not record.name.startswith(_NOISY)
+    setup_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
 # --- profile and backends ----------------------------------------------------------------------

@@ -11,3 +11,10 @@ def lab_host():
     with netns("host") as host, netns("up") as upstream:
         uplink_namespace(host, upstream)
         yield host, upstream
+
+
+@pytest.fixture
+def host():
+    """A namespace standing in for the host wsnic runs on."""
+    with netns("host") as name:
+        yield name

@@ -4,6 +4,7 @@ clients + ping + iperf + NAT, and the host given back exactly on every kind of e
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -55,14 +56,21 @@ def connect_from(ns: str, address: str, timeout: float = 2.0) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
+def dnsmasq_pids(ns: str) -> list[int]:
+    """dnsmasq processes inside `ns` only (pgrep would also see other namespaces' ones)."""
+    pids = []
+    for pid in sh(["ip", "netns", "pids", ns]).stdout.split():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().split(b"\0")[0].endswith(b"dnsmasq"):
+                    pids.append(int(pid))
+        except FileNotFoundError:
+            continue
+    return pids
+
+
 def apply_args(profile: str, state_dir, *extra: str) -> list[str]:
     return ["apply", profile, "--state-dir", str(state_dir), *extra]
-
-
-@pytest.fixture
-def host():
-    with netns("host") as name:
-        yield name
 
 
 @pytest.mark.parametrize("link,firewall", [("netlink", "nftables"), ("iproute2", "iptables")])
@@ -207,15 +215,13 @@ def test_lock_leftover_journal_recover_status_and_child_supervision(host, tmp_pa
         assert inst["alive"] and {s["state"] for s in inst["steps"]} == {"ok"}
 
         # dnsmasq dies: wsnic notices and starts it again
-        pid = int(sh(["pgrep", "-f", "dnsmasq --keep-in-foreground"], netns=host)
-                  .stdout.split()[0])
-        sh(["kill", "-KILL", str(pid)])
+        [pid] = dnsmasq_pids(host)
+        os.kill(pid, signal.SIGKILL)
         first.wait_for("restarting (1/5)")
         deadline = time.monotonic() + 10
         while True:
-            found = sh(["pgrep", "-f", "dnsmasq --keep-in-foreground"], netns=host,
-                       check=False).stdout.split()
-            if found and int(found[0]) != pid:
+            found = dnsmasq_pids(host)
+            if found and found != [pid]:
                 break
             assert time.monotonic() < deadline, first.output()
             time.sleep(0.1)

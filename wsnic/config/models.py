@@ -101,6 +101,10 @@ class Server(_Frozen):
     max_frame_size: int = Field(default=DEFAULT_MAX_FRAME, ge=64, le=65535)
     max_clients: int = Field(default=1024, ge=1, le=65536)
     tap_name: TapPattern = Field(default=DEFAULT_TAP_PATTERN, description="TAP name pattern")
+    workers: int = Field(
+        default=0, ge=0, le=64,
+        description="Relay processes; 0 means one per CPU core, 1 relays in the main process",
+    )
     trust_proxy: bool = Field(
         default=False, description="Log the client address from X-Forwarded-For"
     )

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 from wsnic.config.models import Profile
 from wsnic.engine.executor import Backends
 from wsnic.engine.journal import Journal
 from wsnic.engine.lifecycle import STOP_SIGNALS, install_signal_handlers
+from wsnic.errors import BackendError
 from wsnic.plan.steps import StartProcess
 
 log = logging.getLogger("wsnic")
@@ -28,21 +30,45 @@ def serve(profile: Profile, backends: Backends, journal: Journal) -> None:
         install_signal_handlers(shutting_down=True)
 
 
+def relay_workers(profile: Profile) -> int:
+    """How many relay processes: as configured, or one per CPU core."""
+    return profile.server.workers or os.cpu_count() or 1
+
+
 async def _serve(profile: Profile, backends: Backends, journal: Journal) -> None:
-    from wsnic.relay.server import RelayServer  # the data plane; plan/rollback never need it
+    # The data plane is imported here: plan, status and rollback never need it.
+    from wsnic.relay.pool import WorkerPool
+    from wsnic.relay.server import RelayServer
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, _stop_on, signum, stop)
-    relay = RelayServer(profile, backends.link.attach_port)
-    await relay.start()
-    log.info("serving instance %r; stop with Ctrl-C or SIGTERM to restore the host", profile.name)
-    supervisor = asyncio.create_task(_supervise(backends, journal, stop))
+    workers = relay_workers(profile)
+    relay: WorkerPool | RelayServer
+    if workers > 1:
+        relay = WorkerPool(profile, backends.link.name, workers)
+        failed = relay.failed
+    else:
+        relay = RelayServer(profile, backends.link.attach_port)
+        failed = asyncio.Event()
     try:
-        await stop.wait()
+        await relay.start()
+        log.info("serving instance %r; stop with Ctrl-C or SIGTERM to restore the host",
+                 profile.name)
+        waiters = [
+            asyncio.create_task(_supervise(backends, journal, stop)),
+            asyncio.create_task(stop.wait()),
+            asyncio.create_task(failed.wait()),
+        ]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        if failed.is_set():
+            raise BackendError("every relay worker has died; stopping")
     finally:
-        supervisor.cancel()
         await relay.stop()
 
 

@@ -22,6 +22,7 @@ import contextlib
 import errno
 import logging
 import os
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -92,9 +93,10 @@ def _peer_name(transport: asyncio.BaseTransport) -> str:
 class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection: HTTP upgrade, then frames both ways."""
 
-    def __init__(self, server: RelayServer, tls: bool) -> None:
+    def __init__(self, server: RelayServer, tls: bool, refuse: bool = False) -> None:
         self.server = server
         self.tls = tls
+        self.refuse = refuse  # the acceptor found the server full: answer 503
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
         self.protocol = ServerProtocol(
@@ -161,6 +163,8 @@ class _Connection(asyncio.Protocol):
             log.debug("%s: closed before the upgrade (%s)", session.peer, self.reason)
         session.phase = Phase.CLOSED
         self.server.departed(session.counters)
+        if self.server.on_connection_closed is not None:
+            self.server.on_connection_closed()
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -254,7 +258,8 @@ class _Connection(asyncio.Protocol):
             self.reason = "server stopping"
             self.protocol.send_response(answers.unavailable(server.profile.server.max_clients))
             return
-        decision = answers.answer(self.protocol, request, server.profile, server.client_count)
+        clients = server.profile.server.max_clients if self.refuse else server.client_count
+        decision = answers.answer(self.protocol, request, server.profile, clients)
         if decision.network is None:
             status = decision.response.status_code
             server.stats[f"refused_{status}"] = server.stats.get(f"refused_{status}", 0) + 1
@@ -442,8 +447,11 @@ class RelayServer:
     """
 
     def __init__(self, profile: Profile, attach_port: AttachPort, *,
-                 tap_opener: TapOpener = open_tap) -> None:
+                 tap_opener: TapOpener = open_tap,
+                 on_connection_closed: Callable[[], None] | None = None) -> None:
         self.profile = profile
+        # Set in a worker process: tells the acceptor that a connection it handed over ended.
+        self.on_connection_closed = on_connection_closed
         self.attach_port = attach_port
         self.tap_opener = tap_opener
         srv = profile.server
@@ -467,6 +475,8 @@ class RelayServer:
         self._timer: asyncio.TimerHandle | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._tls_context: ssl.SSLContext | None = None
+        self._adopting: set[asyncio.Task[None]] = set()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -539,24 +549,50 @@ class RelayServer:
         self._servers.append(server)
         log.info("listening on %s://%s:%d", "wss" if tls else "ws", host, port)
 
-    async def start(self) -> None:
-        """Listen on ws_port, and on wss_port when a certificate is configured."""
+    async def start(self, listen: bool = True) -> None:
+        """Listen on ws_port, and on wss_port when a certificate is configured. A worker
+        process does not listen (`listen=False`): it adopts sockets its acceptor accepted."""
         self._loop = asyncio.get_running_loop()
         srv = self.profile.server
         context = self._ssl_context() if srv.tls.certificate is not None else None
+        self._tls_context = context
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="wsnic-attach"
         )
         try:
-            await self._listen(srv.ws_port, None)
-            if context is not None:
-                await self._listen(srv.wss_port, context)
+            if listen:
+                await self._listen(srv.ws_port, None)
+                if context is not None:
+                    await self._listen(srv.wss_port, context)
         except BaseException:
             await self.stop()
             raise
         self._timer = self.loop.call_later(self.tick_interval, self._tick)
         for net in self.profile.networks:
             log.info("network %s: path %s -> bridge %s", net.name, net.path, net.bridge)
+
+    def adopt(self, sock: socket.socket, tls: bool, refuse: bool) -> None:
+        """Serve a connection accepted elsewhere (by the acceptor of a worker pool)."""
+        if tls and self._tls_context is None:
+            sock.close()
+            return
+
+        async def adopt() -> None:
+            try:
+                await self.loop.connect_accepted_socket(
+                    lambda: _Connection(self, tls, refuse), sock,
+                    ssl=self._tls_context if tls else None,
+                    ssl_handshake_timeout=self.policy.handshake_timeout if tls else None,
+                )
+            except Exception as exc:  # a failed TLS handshake, a peer that went away
+                log.debug("adopting a connection failed: %s", exc)
+                sock.close()
+                if self.on_connection_closed is not None:
+                    self.on_connection_closed()
+
+        task = self.loop.create_task(adopt())
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
 
     def _tick(self) -> None:
         now = self.loop.time()
