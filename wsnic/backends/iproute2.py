@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Callable
 from typing import Any
 
 from wsnic.backends import _sysctl
@@ -16,6 +17,7 @@ from wsnic.backends._run import in_netns, render, run
 from wsnic.errors import BackendError
 from wsnic.plan.observed import LinkState, RouteState
 from wsnic.plan.steps import (
+    STEP_TYPES,
     AddAddress,
     CreateBridge,
     DeleteAddress,
@@ -26,19 +28,23 @@ from wsnic.plan.steps import (
     Step,
 )
 
-LINK_STEPS = (
-    CreateBridge,
-    DeleteBridge,
-    AddAddress,
-    DeleteAddress,
-    SetLinkUp,
-    SetLinkDown,
-    SetSysctl,
-)
+LINK_STEPS = tuple(cls for cls in STEP_TYPES.values() if cls.backend == "link")
 MAIN_TABLE = 254
 # What `ip` prints when the device named by `dev NAME` is missing (show / set, del).
 _MISSING = ("does not exist", "Cannot find device")
 
+
+
+def prepare_link_step(backend: str, step: Step, sysctl: Callable[[str], str | None]) -> Step:
+    """Both link backends' prepare: refuse foreign step kinds; record a sysctl's value."""
+    if not isinstance(step, LINK_STEPS):
+        raise unsupported(backend, step)
+    if isinstance(step, SetSysctl):
+        current = sysctl(step.name)
+        if current is None:
+            raise BackendError(f"sysctl {step.name}: no such sysctl in this namespace")
+        return SetSysctl(step.name, step.value, current)
+    return step
 
 def parse_interface(link: str, address: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
     """The interface address of an Add/DeleteAddress step, or BackendError naming it."""
@@ -173,14 +179,7 @@ class Iproute2LinkBackend:
     # --- changing --------------------------------------------------------------------------
 
     def prepare(self, step: Step) -> Step:
-        if not isinstance(step, LINK_STEPS):
-            raise unsupported(self.name, step)
-        if isinstance(step, SetSysctl):
-            current = self.sysctl(step.name)
-            if current is None:
-                raise BackendError(f"sysctl {step.name}: no such sysctl in this namespace")
-            return SetSysctl(step.name, step.value, current)
-        return step
+        return prepare_link_step(self.name, step, self.sysctl)
 
     def apply(self, step: Step) -> Step | None:
         argvs = self._argvs(step)  # validates the step before anything is read or changed

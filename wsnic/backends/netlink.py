@@ -23,12 +23,12 @@ from typing import Any, TypeVar
 from wsnic.backends import _sysctl
 from wsnic.backends._netns import enter_netns
 from wsnic.backends.iproute2 import (
-    LINK_STEPS,
     MAIN_TABLE,
     check_owned,
     is_half_created,
     is_our_bridge,
     parse_interface,
+    prepare_link_step,
     refuse_foreign,
     route_destination,
     unsupported,
@@ -256,14 +256,7 @@ class NetlinkLinkBackend:
     # --- changing --------------------------------------------------------------------------
 
     def prepare(self, step: Step) -> Step:
-        if not isinstance(step, LINK_STEPS):
-            raise unsupported(self.name, step)
-        if isinstance(step, SetSysctl):
-            current = self.sysctl(step.name)
-            if current is None:
-                raise BackendError(f"sysctl {step.name}: no such sysctl in this namespace")
-            return SetSysctl(step.name, step.value, current)
-        return step
+        return prepare_link_step(self.name, step, self.sysctl)
 
     def apply(self, step: Step) -> Step | None:
         what = "; ".join(self._ops(step))  # validates the step before anything is read
