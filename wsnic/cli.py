@@ -18,7 +18,7 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from wsnic import __version__
 from wsnic.config.loader import build_profile, detect_format, load_profile_file
@@ -26,6 +26,7 @@ from wsnic.config.models import Backends as BackendChoice
 from wsnic.config.models import Profile
 from wsnic.config.schema import render_schema, write_schema
 from wsnic.config.seed import add_seed_flags, read_wsnic_conf
+from wsnic.engine import signals
 from wsnic.engine.executor import Backends
 from wsnic.errors import ConfigError, WsnicError
 from wsnic.logs import setup_logging
@@ -61,8 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WsnicError as exc:
         print(f"wsnic: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        return EXIT_ERROR
+    except (KeyboardInterrupt, signals.Shutdown):
+        print("wsnic: stopped before anything was changed", file=sys.stderr)
+        return EXIT_OK
 
 
 def _with_command(args: list[str]) -> list[str]:
@@ -78,12 +80,20 @@ def _with_command(args: list[str]) -> list[str]:
     return ["apply", *args]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit 1, not argparse's 2: for `plan`, 2 means "changes pending"."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="wsnic", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"wsnic {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     plan = commands.add_parser(
         "plan", help="show the changes apply would make (exit 0: none, 2: pending, 1: error)",
@@ -140,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema = commands.add_parser("schema", help="print the JSON Schema of a profile")
     schema.add_argument("--write", action="store_true",
                         help="write it to schemas/profile.schema.json instead")
+    _log_arguments(schema)
     schema.set_defaults(handler=cmd_schema)
     return parser
 
@@ -242,14 +253,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     profile = _load(args)
     with _backends_for(profile) as backends:
-        apply_and_serve(profile, backends, log.info, serve, recover=args.recover)
-    log.info("host restored; bye")
+        served = apply_and_serve(profile, backends, log.info, serve, recover=args.recover)
+    log.info("host restored; bye" if served else "stopped before serving; host restored")
     return EXIT_OK
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     from wsnic.engine.recovery import rollback_instances
 
+    signals.hold_stop_signals(install=True)  # a rollback is never cut short
     state_dir = args.state_dir or Profile().state_dir
     rollback_instances(
         state_dir,

@@ -73,3 +73,28 @@ def test_list_journals_reports_dead_owner(tmp_path) -> None:
     journal.close()
     [info] = list_journals(tmp_path)
     assert info.instance == "t" and not info.alive and len(info.entries) == 1
+
+
+def test_rollback_progress_after_a_torn_line_stays_readable(tmp_path) -> None:
+    journal = Journal(tmp_path, "t")
+    journal.create()
+    for _ in range(2):
+        seq = journal.begin(BRIDGE, BRIDGE.inverse())
+        journal.done(seq)
+    journal.close()
+    with open(journal.path, "a") as f:
+        f.write('{"seq": 3, "op": "beg')  # cut short by a crash
+    resumed = Journal(tmp_path, "t")
+    resumed.reopen()
+    resumed.undone(2)
+    resumed.undone(1)
+    resumed.close()
+    entries = Journal(tmp_path, "t").entries()  # must not raise: the torn bytes are gone
+    assert [(e.seq, e.undone) for e in entries] == [(1, True), (2, True)]
+
+
+def test_leftover_journal_message_names_the_exact_rollback_command(tmp_path) -> None:
+    Journal(tmp_path, "lab").create()
+    with pytest.raises(JournalError) as info:
+        Journal(tmp_path, "lab").create()
+    assert f"wsnic rollback --instance lab --state-dir {tmp_path}" in str(info.value)

@@ -26,6 +26,7 @@ from wsnic.tags import owner_tag
 DEFAULT_SUBNET = "192.168.86.0/24"
 DEFAULT_BRIDGE = "wsbr0"
 DEFAULT_TAP_PATTERN = "wstap%d"
+DEFAULT_STATE_DIR = Path("/run/wsnic")
 # The original's largest accepted WebSocket payload; jumbo frames fit.
 DEFAULT_MAX_FRAME = 16384
 
@@ -240,7 +241,7 @@ class Profile(_Frozen):
     server: Server = Server()
     networks: tuple[Network, ...] = Field(default=(Network(),), min_length=1)
     backends: Backends = Backends()
-    state_dir: Path = Path("/run/wsnic")
+    state_dir: Path = DEFAULT_STATE_DIR
 
     @field_validator("name")
     @classmethod

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from wsnic.backends.base import Backend, FirewallBackend, LinkBackend, ProcessBackend
+from wsnic.engine import signals
 from wsnic.engine.journal import Journal
 from wsnic.errors import PlanError, RollbackError, StepError
 from wsnic.plan.plan import Plan
@@ -86,47 +86,40 @@ def _undo_after_failure(journal: Journal, backends: Backends, progress: Progress
 def rollback(journal: Journal, backends: Backends, progress: Progress) -> int:
     """Undo every journaled step that is not undone yet, newest first; remove the journal.
 
-    Signals are held off meanwhile: an impatient second Ctrl-C must not leave the host half
-    restored. Returns the number of steps undone. Raises RollbackError (journal kept) if some
-    inverse failed; every other inverse is still attempted."""
+    Stop signals are only logged from here on: an impatient second Ctrl-C must not leave the
+    host half restored. Returns the number of steps undone. Raises RollbackError (journal kept)
+    if some inverse failed; every other inverse is still attempted."""
+    signals.hold_stop_signals()
     entries = [e for e in journal.entries() if not e.undone]
     if journal.exists():
         journal.reopen()
     failures: list[str] = []
     undone = 0
-    with _signals_deferred():
-        for entry in reversed(entries):
-            backend = backends.for_step(entry.inverse)
-            label = f"undo {entry.inverse.describe()} ({backend.name})"
-            try:
-                backend.apply(entry.inverse)
-            except Exception as exc:
-                failures.append(f"{label}: {exc}")
-                progress(f"{label} … failed: {exc}")
-                continue
+    for entry in reversed(entries):
+        backend = backends.for_step(entry.inverse)
+        label = f"undo {entry.inverse.describe()} ({backend.name})"
+        try:
+            backend.apply(entry.inverse)
+        except Exception as exc:
+            failures.append(f"{label}: {exc}")
+            progress(f"{label} … failed: {exc}")
+            continue
+        undone += 1
+        progress(f"{label} … ok")
+        try:
             journal.undone(entry.seq)
-            undone += 1
-            progress(f"{label} … ok")
-        if failures:
-            journal.close()
-            raise RollbackError(
-                f"{len(failures)} step(s) could not be undone; the journal {journal.path} is "
-                "kept so that `wsnic rollback` can try again:\n  " + "\n  ".join(failures)
-            )
-        journal.remove()
+        except OSError as exc:  # a full disk must not stop the remaining undos
+            failures.append(f"recording that {label} was done: {exc}")
+    if failures:
+        journal.close()
+        raise RollbackError(
+            f"{len(failures)} step(s) could not be undone or recorded; the journal "
+            f"{journal.path} is kept so that `wsnic rollback` can try again (undoing is "
+            "idempotent):\n  "
+            + "\n  ".join(failures)
+        )
+    journal.remove()
     return undone
-
-
-class _signals_deferred:
-    """Block SIGINT/SIGTERM/SIGHUP for the duration (main thread only); they fire afterwards."""
-
-    _SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-
-    def __enter__(self) -> None:
-        self._old = signal.pthread_sigmask(signal.SIG_BLOCK, self._SIGNALS)
-
-    def __exit__(self, *exc: object) -> None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
 
 
 def check_plan_applicable(plan: Plan) -> None:

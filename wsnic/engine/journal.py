@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from wsnic.config.models import DEFAULT_STATE_DIR
 from wsnic.errors import JournalError
 from wsnic.plan.steps import Step, step_from_json
 
@@ -64,9 +65,16 @@ class InstanceLock:
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        # A `wsnic status` that is looking at the lock holds it shared for a moment: try a few
+        # times before concluding that another wsnic owns the instance.
+        for attempt in range(5):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt < 4:
+                    time.sleep(0.05)
+        else:
             os.close(fd)
             holder = read_lock_pid(self.path)
             who = f" (pid {holder})" if holder else ""
@@ -79,9 +87,9 @@ class InstanceLock:
         self._fd = fd
 
     def release(self) -> None:
+        # The file stays: unlinking it would let one process lock the old inode while another
+        # creates and locks a new one, and both would think they own the instance.
         if self._fd is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
             os.close(self._fd)
             self._fd = None
 
@@ -133,9 +141,12 @@ class Journal:
         `backends` names the backends that will run the steps: a firewall installed by
         iptables must be removed by iptables, whatever the profile says by then."""
         if self.exists():
+            command = f"wsnic rollback --instance {self.instance}"
+            if self.path.parent != DEFAULT_STATE_DIR:
+                command += f" --state-dir {self.path.parent}"
             raise JournalError(
                 f"{self.path} exists: a previous wsnic run of instance {self.instance!r} did not "
-                "clean up. Run `wsnic rollback` (or `wsnic apply --recover`) first."
+                f"clean up. Run `{command}` (or `wsnic apply --recover`) first."
             )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "x", encoding="utf-8")  # noqa: SIM115 - held open on purpose
@@ -144,8 +155,13 @@ class Journal:
         _fsync_dir(self.path.parent)
 
     def reopen(self) -> None:
-        """Append to an existing journal (rollback records its progress)."""
+        """Append to an existing journal (rollback records its progress). A torn last line is
+        cut off first, or the next record would be glued to it and both be lost."""
         self._seq = max((e.seq for e in self.entries()), default=0)
+        with open(self.path, "rb+") as raw:
+            data = raw.read()
+            if data and not data.endswith(b"\n"):
+                raw.truncate(data.rfind(b"\n") + 1)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def begin(self, step: Step, inverse: Step) -> int:

@@ -8,9 +8,9 @@ import os
 import signal
 
 from wsnic.config.models import Profile
+from wsnic.engine import signals
 from wsnic.engine.executor import Backends
 from wsnic.engine.journal import Journal
-from wsnic.engine.lifecycle import STOP_SIGNALS, install_signal_handlers
 from wsnic.errors import BackendError
 from wsnic.plan.steps import StartProcess
 
@@ -25,9 +25,7 @@ def serve(profile: Profile, backends: Backends, journal: Journal) -> None:
     try:
         asyncio.run(_serve(profile, backends, journal))
     finally:
-        # asyncio restored the default dispositions; from here on a signal must not kill us
-        # half-way through giving the host back.
-        install_signal_handlers(shutting_down=True)
+        signals.hold_stop_signals()  # what follows is the rollback
 
 
 def relay_workers(profile: Profile) -> int:
@@ -42,8 +40,12 @@ async def _serve(profile: Profile, backends: Backends, journal: Journal) -> None
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for signum in STOP_SIGNALS:
-        loop.add_signal_handler(signum, _stop_on, signum, stop)
+    # Not loop.add_signal_handler: closing the loop would reset the signals to their defaults,
+    # and a SIGTERM in that moment would kill wsnic before it gave the host back.
+    def on_stop(signum: int) -> None:
+        loop.call_soon_threadsafe(_stop_on, signum, stop)
+
+    signals.call_on_stop(on_stop)
     workers = relay_workers(profile)
     relay: WorkerPool | RelayServer
     if workers > 1:
