@@ -404,3 +404,17 @@ def test_reachability(kind: str) -> None:
         backend.apply(step.inverse())
         assert probe(t.nat_guest, topo.UPSTREAM_IP) == topo.NAT_GUEST_IP
         assert probe(t.iso_guest, topo.UPSTREAM_IP) == topo.ISO_GUEST_IP
+
+
+def test_a_shared_table_someone_else_filled_meanwhile_is_kept(ns: str) -> None:
+    """iptables-nft's ip filter table appeared with our install; a native nft chain another tool
+    added to it since must survive our removal (iptables-save would not even show it)."""
+    backend = make_backend("iptables", ns)
+    prepared = backend.prepare(INSTALL)
+    assert "filter" in getattr(prepared, "fresh_tables", ())
+    backend.apply(prepared)
+    sh(["nft", "add", "chain", "ip", "filter", "audit"], netns=ns)
+    sh(["nft", "add", "rule", "ip", "filter", "audit", "counter"], netns=ns)
+    backend.apply(prepared.inverse())
+    assert "chain audit" in sh(["nft", "list", "table", "ip", "filter"], netns=ns).stdout
+    assert "WSNIC" not in ipt_save(ns, "iptables")

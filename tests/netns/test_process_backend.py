@@ -332,3 +332,27 @@ def test_children_die_when_wsnic_is_killed(lan: Lan, tmp_path, kind):
             parent.wait(timeout=5)
         if pid is not None and lan.backend.alive(pid, start):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.root
+def test_a_tagged_process_elsewhere_is_not_ours() -> None:
+    """The same tag in another namespace is another instance; a tag set by another user is
+    not a proof of ownership. Neither is seen, adopted or stopped."""
+    owner, name = "wsnic:xt", "sleeper"
+    env = {**os.environ, "WSNIC_OWNER": owner, "WSNIC_CHILD": name}
+    with netns("pa") as ns_a, netns("pb") as ns_b:
+        other_ns = subprocess.Popen(["ip", "netns", "exec", ns_a, "sleep", "30"], env=env)
+        other_user = subprocess.Popen(
+            ["ip", "netns", "exec", ns_b, "setpriv", "--reuid=65534", "--regid=65534",
+             "--clear-groups", "sleep", "30"], env=env)
+        try:
+            assert wait_for(lambda: len(ns_pids(ns_a)) == 1 and len(ns_pids(ns_b)) == 1)
+            backend = ChildProcessBackend(ns_b)
+            assert backend.running(owner) == []
+            assert backend.sweep(owner) == []
+            assert ChildProcessBackend(ns_a).running(owner)  # visible where it really runs
+            assert other_ns.poll() is None and other_user.poll() is None
+        finally:
+            for proc in (other_ns, other_user):
+                proc.kill()
+                proc.wait()

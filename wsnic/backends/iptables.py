@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import shlex
 import shutil
 from dataclasses import dataclass, field
@@ -62,11 +63,6 @@ def _hooks(instance: str) -> tuple[_Hook, _Hook]:
 class _Table:
     chains: list[str] = field(default_factory=list)
     rules: list[str] = field(default_factory=list)  # "-A CHAIN ..." exactly as saved
-    policies: dict[str, str] = field(default_factory=dict)  # chain -> policy ("-" for user)
-
-    def is_empty(self) -> bool:
-        """Only built-in chains, all accepting, no rules: the table changes nothing."""
-        return not self.rules and all(p == "ACCEPT" for p in self.policies.values())
 
 
 def _parse_save(text: str) -> dict[str, _Table]:
@@ -82,9 +78,7 @@ def _parse_save(text: str) -> dict[str, _Table]:
         elif current is None:
             continue
         elif line.startswith(":"):
-            name, policy = [*line[1:].split(), "-"][:2]
-            current.chains.append(name)
-            current.policies[name] = policy
+            current.chains.append(line[1:].split()[0])
         elif line.startswith("-A "):
             current.rules.append(line)
     return tables
@@ -217,13 +211,25 @@ class IptablesFirewallBackend:
         """Delete the shared tables our install created, if they hold nothing now."""
         if not tables or not self._nft_flavour():
             return
-        saved = self._observe()
         for name in tables:
             if name not in ("nat", "filter"):
                 raise BackendError(f"{self.binary}: refusing to drop unexpected table {name!r}")
-            table = saved.get(name)
-            if table is not None and table.is_empty():
+            if self._nft_table_is_empty(name):
                 run(["nft", "delete", "table", "ip", name], netns=self.netns)
+
+    def _nft_table_is_empty(self, name: str) -> bool:
+        """Only accepting base chains and no rule at all, as nft itself sees the table (another
+        tool may have added native nft chains that iptables-save cannot show)."""
+        result = run(["nft", "-j", "list", "table", "ip", name], netns=self.netns, check=False)
+        if result.returncode != 0:
+            return False  # already gone, or unreadable: leave it
+        for item in json.loads(result.stdout).get("nftables", []):
+            if "rule" in item or "set" in item or "map" in item:
+                return False
+            chain = item.get("chain")
+            if chain is not None and (chain.get("hook") is None or chain.get("policy") != "accept"):
+                return False
+        return True
 
     def _restore_argv(self) -> list[str]:
         return [self._restore, "--noflush", "-w"]

@@ -404,22 +404,29 @@ class ChildProcessBackend:
     # --- scanning ------------------------------------------------------------------------------
 
     def _scan(self, owner: str, name: str | None) -> list[_Tagged]:
-        """Live processes tagged `owner` (and `name` if given), inside our netns if we have one."""
-        want_ns = None
-        if self._netns is not None:
-            want_ns = _netns_id(os.path.join(NETNS_DIR, self._netns))
-            if want_ns is None:
-                return []  # the namespace is gone, and with it everything that ran in it
+        """Live processes tagged `owner` (and `name` if given) that run in our network namespace
+        (the named one, or our own) as our user: the same instance name in another namespace
+        is another instance, and a tag anyone could set in their environment proves nothing."""
+        ns_path = "/proc/self/ns/net" if self._netns is None else os.path.join(
+            NETNS_DIR, self._netns)
+        want_ns = _netns_id(ns_path)
+        if want_ns is None:
+            return []  # the namespace is gone, and with it everything that ran in it
         found = []
-        me = os.getpid()
+        me, uid = os.getpid(), os.geteuid()
         for entry in os.listdir("/proc"):
             if not entry.isdigit() or int(entry) == me:
                 continue
             pid = int(entry)
+            try:
+                if os.stat(f"/proc/{pid}").st_uid != uid:
+                    continue
+            except FileNotFoundError:
+                continue
             tag_owner, tag_name = _tags(pid)
             if tag_owner != owner or tag_name is None or (name is not None and tag_name != name):
                 continue
-            if want_ns is not None and _netns_id(f"/proc/{pid}/ns/net") != want_ns:
+            if _netns_id(f"/proc/{pid}/ns/net") != want_ns:
                 continue
             stat = _read_stat(pid)
             if stat is None or stat.state in ("Z", "X", "x"):
