@@ -623,3 +623,82 @@ def test_open_tap_lives_exactly_as_long_as_its_fd(ns: str) -> None:
     assert taps(ns) == []
     with pytest.raises(BackendError, match="x" * 16):
         call_in_netns(ns, lambda: open_tap("x" * 16))
+
+
+# --- a client that sends but never reads; frames longer than the limit from the TAP -----------
+
+def test_a_ping_flood_that_is_never_read_stays_bounded(env: Env, pair: Pair) -> None:
+    flooder, _ = upgraded(env.ns, rcvbuf=4096)
+    rss_before = env.relay.rss_kib()
+    batch = masked(b"p" * 125, Opcode.PING) * 200
+    flooder.settimeout(0.5)
+    sent, peak, stalled = 0, rss_before, False
+    deadline = time.monotonic() + 10
+    try:
+        while sent < 48 * 1024 * 1024 and time.monotonic() < deadline:
+            flooder.sendall(batch)
+            sent += len(batch)
+            if sent % (100 * len(batch)) == 0:
+                peak = max(peak, env.relay.rss_kib())
+    except TimeoutError:
+        stalled = True  # the relay stopped reading from this client
+    peak = max(peak, env.relay.rss_kib())
+    stats = env.relay.stats()
+    print(f"flooded {sent} bytes of pings; relay RSS {rss_before} -> peak {peak} KiB")
+    assert stalled, f"the relay read all {sent} bytes of pings"
+    assert peak - rss_before < RSS_SLACK_KIB
+    assert stats["stats"]["write_overflows"] == 0
+    assert stats["connections"] == 3  # the flooder is paused, not dropped
+    assert ping(pair.a.ns, "192.168.86.11")
+    flooder.close()
+    assert_healthy(env, pair)
+
+
+def ws_frames(sock: socket.socket, done: Callable[[bytes], bool],
+              timeout: float = TIMEOUT) -> list[bytes]:
+    """Payloads of the server's (unmasked) frames on `sock`, up to the first that is `done`."""
+    frames: list[bytes] = []
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        while len(buf) >= 2:
+            length, head = buf[1] & 0x7F, 2
+            if length == 126:
+                if len(buf) < 4:
+                    break
+                length, head = struct.unpack("!H", buf[2:4])[0], 4
+            if len(buf) < head + length:
+                break
+            frames.append(buf[head:head + length])
+            buf = buf[head + length:]
+            if done(frames[-1]):
+                return frames
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed"
+        buf += chunk
+    raise AssertionError(f"not found in {len(frames)} frames")
+
+
+def test_tap_frames_over_max_frame_size_are_dropped_not_truncated() -> None:
+    me, my_ip = "02:00:00:00:dd:01", "192.168.86.99"
+
+    def echo_to_me(frame: bytes) -> bool:  # an IPv4 ICMP echo request to my_ip
+        return (len(frame) >= 35 and frame[12:14] == b"\x08\x00" and frame[23] == 1
+                and frame[30:34] == socket.inet_aton(my_ip) and frame[34] == 8)
+
+    with relay_env("rlbig", ["--max-frame-size", "100"]) as e:
+        sock, rest = upgraded(e.ns)
+        # The bridge learns on which port `me` is, and the host where my_ip is.
+        sock.sendall(masked(arp_request(me, my_ip, BRIDGE_IP)))
+        recv_arp_reply_raw(sock, BRIDGE_IP, rest)
+        sh(["ip", "neigh", "replace", my_ip, "lladdr", me, "dev", "wsbr0", "nud", "permanent"],
+           netns=e.ns)
+        for size in ("500", "16"):  # frames of 542 and of 58 bytes
+            sh(["busybox", "ping", "-c", "1", "-W", "1", "-s", size, my_ip], netns=e.ns,
+               check=False, timeout=10)
+        echoes = [f for f in ws_frames(sock, echo_to_me) if echo_to_me(f)]
+        assert [len(f) for f in echoes] == [58]  # the long one never came, not even cut short
+        sock.close()
+        stats = e.relay.stats()
+        assert stats["counters"]["drop_oversized"] >= 1, stats
+        assert_clean_log(e.relay)

@@ -319,3 +319,131 @@ def test_busy_port_is_a_backend_error_naming_the_address():
                 await relay.start()
 
         asyncio.run(main())
+
+
+# --- a client that sends but never reads; frames longer than the limit; lost hand-overs -------
+
+PING = masked(Opcode.PING, b"p" * 125)
+
+
+async def flood_pings(h: Harness) -> tuple[socket.socket, int, int]:
+    """A raw client that sends pings (at most 8 MiB, 10 s) and reads nothing; returns its socket,
+    the bytes it got out and the server's largest send buffer for it meanwhile."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", h.port))
+    await loop.sock_sendall(sock, handshake())
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += await asyncio.wait_for(loop.sock_recv(sock, 4096), TIMEOUT)
+    assert answer.startswith(b"HTTP/1.1 101"), answer
+    [conn] = [c for c in h.relay.connections if c.session.tap == "wstap1"]
+    assert conn.transport is not None
+    # Little room in the kernel on the server's side too: the pongs pile up in the transport.
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    batch = PING * 100
+    sent, peak = 0, 0
+    deadline = loop.time() + 10
+    while sent < 8 * 1024 * 1024 and loop.time() < deadline:
+        try:
+            await asyncio.wait_for(loop.sock_sendall(sock, batch), 0.5)
+        except TimeoutError:
+            break  # the server no longer reads from this client
+        except (ConnectionResetError, BrokenPipeError):
+            break  # the server dropped this client
+        sent += len(batch)
+        if not conn.transport.is_closing():
+            peak = max(peak, conn.transport.get_write_buffer_size())
+    return sock, sent, peak
+
+
+async def still_relays(h: Harness, ws: Any) -> None:
+    await ws.send(FRAME)
+    assert await h.tap_recv("wstap0") == FRAME
+    h.taps.peers["wstap0"].send(REPLY)
+    assert await asyncio.wait_for(ws.recv(), TIMEOUT) == REPLY
+    await asyncio.wait_for(ws.ping(), TIMEOUT)
+
+
+def test_a_ping_flood_that_is_never_read_pauses_the_client_not_memory():
+    async def body(h: Harness) -> None:
+        async with connect(h.url, compression=None) as live:
+            sock, sent, peak = await flood_pings(h)
+            [conn] = [c for c in h.relay.connections if c.session.tap == "wstap1"]
+            assert conn.transport is not None
+            print(f"flooded {sent} bytes of pings; server send buffer peak {peak} B")
+            # Reading stopped once the buffer passed its high mark; one read's worth of pongs
+            # may follow, nothing more.
+            assert peak <= 2 * WRITE_HIGH, peak
+            assert conn.read_pauses == {"writing"} and not conn.closing
+            await still_relays(h, live)
+            # Once the client reads, the server reads again, and answers the rest.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + TIMEOUT
+            while conn.read_pauses or conn.transport.get_write_buffer_size():
+                assert loop.time() < deadline, "reading from the client did not resume"
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 0.1)
+            assert not conn.closing and h.relay.stats["write_overflows"] == 0
+            sock.close()
+
+    run(body)
+
+
+def test_a_send_buffer_over_the_hard_cap_aborts_the_client(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    import wsnic.relay.server as server_module
+
+    # The pause keeps a real buffer far below the cap; a cap at the high mark trips at once.
+    monkeypatch.setattr(server_module, "WRITE_CAP", WRITE_HIGH)
+    caplog.set_level(logging.INFO, logger="wsnic.relay")
+
+    async def body(h: Harness) -> None:
+        async with connect(h.url, compression=None) as live:
+            sock, _, _ = await flood_pings(h)
+            await asyncio.sleep(0.1)
+            assert h.relay.stats["write_overflows"] == 1
+            assert [c.session.tap for c in h.relay.connections] == ["wstap0"]
+            await still_relays(h, live)
+            sock.close()
+
+    run(body)
+    assert re.search(r"left after [\d.]+ s \(send buffer over 262144 bytes: the client does "
+                     r"not read\); network default, wstap1", caplog.text), caplog.text
+
+
+def test_tap_frames_longer_than_max_frame_size_are_dropped_not_truncated():
+    async def body(h: Harness) -> None:
+        async with connect(h.url, compression=None) as ws:
+            peer = h.taps.peers["wstap0"]
+            peer.send(REPLY + bytes(100))  # 160 bytes: over the limit of 64
+            exactly = REPLY + b"1234"  # 64 bytes: at the limit
+            peer.send(exactly)
+            assert await asyncio.wait_for(ws.recv(), TIMEOUT) == exactly
+            assert h.relay.counters.drops[Drop.OVERSIZED] == 1
+            assert h.relay.counters.frames_out == 1
+
+    run(body, max_frame_size=64)
+
+
+def test_a_tls_hand_over_without_a_certificate_is_reported_ended():
+    profile = Profile.model_validate({"server": {"ws_port": free_port()}})
+    ended: list[int] = []
+
+    async def main() -> None:
+        relay = RelayServer(profile, lambda tap, bridge: None,
+                            on_connection_closed=lambda: ended.append(1))
+        await relay.start(listen=False)
+        try:
+            ours, theirs = socket.socketpair()
+            relay.adopt(ours, tls=True, refuse=False)
+            theirs.settimeout(TIMEOUT)
+            assert theirs.recv(1) == b""  # closed: this worker cannot speak TLS
+            theirs.close()
+            assert ended == [1]
+        finally:
+            await relay.stop()
+
+    asyncio.run(main())

@@ -6,7 +6,8 @@ ServerProtocol. The hot paths do no per-frame await or task:
 * TAP -> client: `loop.add_reader` on the TAP fd; each wake-up reads frames until EAGAIN (at most
   READ_BATCH) and hands all of them to the transport in one `writelines`. While the transport's
   buffer is above its high-water mark (pause_writing) frames are read and dropped, as a full NIC
-  queue would, so memory per client stays bounded.
+  queue would, so memory per client stays bounded. Reading from that client pauses too: what it
+  sends may call for answers (a pong for every ping) that it does not read either.
 * client -> TAP: every binary message is written with one os.write; a TAP that cannot take it
   (EAGAIN/ENOBUFS) drops the frame.
 
@@ -46,9 +47,13 @@ log = logging.getLogger("wsnic.relay")
 AttachPort = Callable[[str, str], None]
 TapOpener = Callable[[str], tuple[int, str, str]]
 
-# Transport buffer bounds towards one client: above HIGH, frames to it are dropped.
+# Transport buffer bounds towards one client: above HIGH, frames to it are dropped and reading
+# from it pauses; above CAP (which that pause should make unreachable) the connection is aborted.
 WRITE_HIGH = 256 * 1024
 WRITE_LOW = 64 * 1024
+WRITE_CAP = 4 * WRITE_HIGH
+# One read returns one frame, whatever its size; a smaller read would truncate it.
+TAP_READ = 65535
 # Frames read from one TAP per wake-up; the reader is level-triggered, so the rest follows on
 # the next loop iteration after other clients had their turn.
 READ_BATCH = 128
@@ -63,6 +68,9 @@ ATTACH_WAIT = 10.0
 
 _DATA_OPCODES = (Opcode.CONT, Opcode.TEXT, Opcode.BINARY)
 _TAP_FULL_ERRNOS = (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM, errno.EIO)
+# Why reading from a client is paused; it resumes when no reason is left.
+_ATTACHING = "attaching"  # frames wait in the socket until the TAP is on its bridge
+_WRITING = "writing"  # the client does not read what it is sent
 
 
 class _QuietLog(logging.LoggerAdapter[logging.Logger]):
@@ -109,11 +117,12 @@ class _Connection(asyncio.Protocol):
         self.attaching = False
         self.attach_future: asyncio.Future[None] | None = None
         self.paused = False  # the transport's buffer is over WRITE_HIGH
+        self.read_pauses: set[str] = set()
         self.closing = False
         self.close_deadline = 0.0
         self.reason = ""
         self.pending: list[Frame] = []
-        self.read_size = server.policy.max_frame_size
+        self.max_frame = server.policy.max_frame_size
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -168,9 +177,24 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused = True
+        self._pause_reading(_WRITING)
 
     def resume_writing(self) -> None:
         self.paused = False
+        self._resume_reading(_WRITING)
+
+    def _pause_reading(self, reason: str) -> None:
+        if not self.read_pauses and self.transport is not None:
+            self.transport.pause_reading()
+        self.read_pauses.add(reason)
+
+    def _resume_reading(self, reason: str) -> None:
+        pauses = self.read_pauses
+        if reason not in pauses:
+            return
+        pauses.discard(reason)
+        if not pauses and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     # --- WebSocket events -------------------------------------------------------------------
 
@@ -222,9 +246,19 @@ class _Connection(asyncio.Protocol):
             return
         chunks = [w for w in writes if w]
         if chunks:
-            self.transport.writelines(chunks)
+            transport = self.transport
+            transport.writelines(chunks)
+            if self.paused and transport.get_write_buffer_size() > WRITE_CAP:
+                self._overflow(transport.get_write_buffer_size())
+                return
         if len(chunks) != len(writes):
             self._on_protocol_eof()
+
+    def _overflow(self, size: int) -> None:
+        self.server.stats["write_overflows"] += 1
+        log.warning("%s: %d bytes wait for a client that does not read them; dropping it",
+                    self.session.peer, size)
+        self.abort(f"send buffer over {WRITE_CAP} bytes: the client does not read")
 
     def _on_protocol_eof(self) -> None:
         protocol = self.protocol
@@ -283,8 +317,7 @@ class _Connection(asyncio.Protocol):
         session.network, session.tap, session.mac = network.name, tap, mac
         self.attaching = True
         server.attaching.add(self)
-        assert self.transport is not None
-        self.transport.pause_reading()  # frames wait in the socket until the port is ready
+        self._pause_reading(_ATTACHING)
         future = server.attach(tap, network.bridge)
         self.attach_future = future
         future.add_done_callback(
@@ -324,7 +357,7 @@ class _Connection(asyncio.Protocol):
             if pending:
                 self._handle(pending)
                 self._flush()
-            self.transport.resume_reading()
+            self._resume_reading(_ATTACHING)
         except Exception:
             log.exception("%s: unexpected error after attaching", session.peer)
             self.abort("internal error")
@@ -346,18 +379,24 @@ class _Connection(asyncio.Protocol):
         out: list[bytes] = []
         nbytes = 0
         dropped = 0
+        oversized = 0
         slow = self.paused
         read = os.read
-        size = self.read_size
+        limit = self.max_frame
+        most = TAP_READ
         try:
             for _ in range(READ_BATCH):
-                frame = read(fd, size)
+                frame = read(fd, most)
                 if slow:
                     dropped += 1
                     continue
-                out.append(ws_binary_header(len(frame)))
+                size = len(frame)
+                if size > limit:
+                    oversized += 1
+                    continue
+                out.append(ws_binary_header(size))
                 out.append(frame)
-                nbytes += len(frame)
+                nbytes += size
         except BlockingIOError:
             pass
         except OSError as exc:
@@ -370,6 +409,8 @@ class _Connection(asyncio.Protocol):
             counters.bytes_out += nbytes
         if dropped:
             counters.drops[Drop.CLIENT_SLOW] += dropped
+        if oversized:
+            counters.drops[Drop.OVERSIZED] += oversized
 
     def _release_tap(self) -> None:
         """Stop relaying and close the TAP (the kernel removes it with the fd).
@@ -469,6 +510,7 @@ class RelayServer:
         self.stopping = False
         self.stats: dict[str, int] = {
             "connections": 0, "upgrades": 0, "bad_requests": 0, "failed_setup": 0,
+            "write_overflows": 0,
         }
         self._departed = Counters()
         self._servers: list[asyncio.Server] = []
@@ -573,8 +615,10 @@ class RelayServer:
 
     def adopt(self, sock: socket.socket, tls: bool, refuse: bool) -> None:
         """Serve a connection accepted elsewhere (by the acceptor of a worker pool)."""
-        if tls and self._tls_context is None:
+        if tls and self._tls_context is None:  # the acceptor has a certificate, we have none
             sock.close()
+            if self.on_connection_closed is not None:
+                self.on_connection_closed()
             return
 
         async def adopt() -> None:
