@@ -392,3 +392,18 @@ def test_prepare_leaves_non_sysctl_steps_alone() -> None:
         b = make(kind, None)
         for step in STEPS:
             assert b.prepare(step) is step
+
+
+def test_release_ports_deletes_departed_taps_in_one_batch(backend: LinkBackend, ns: str) -> None:
+    for i in range(40):
+        sh(["ip", "tuntap", "add", "dev", f"wstap{i}", "mode", "tap"], netns=ns)
+    add_foreign(ns, "veth")
+    before_foreign = [line for line in sh(["ip", "-o", "link"], netns=ns).stdout.splitlines()
+                      if "wstap" not in line]
+    backend.release_ports([f"wstap{i}" for i in range(30)] + ["wstap-gone"])
+    left = sh(["ip", "-o", "link"], netns=ns).stdout
+    assert [f"wstap{i}" for i in range(30, 40) if f"wstap{i}:" in left] == [
+        f"wstap{i}" for i in range(30, 40)]
+    assert not any(f"wstap{i}:" in left for i in range(30))
+    assert [line for line in left.splitlines() if "wstap" not in line] == before_foreign
+    backend.release_ports([])  # nothing to do is fine

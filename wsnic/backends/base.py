@@ -7,6 +7,7 @@ applying an Ensure-style step that already holds, or removing what is already go
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from wsnic.plan.observed import LinkState, ProcessState, RouteState
@@ -41,6 +42,10 @@ class LinkBackend(Backend, Protocol):
 
     def attach_port(self, port: str, bridge: str) -> None:
         """Enslave `port` (a client's TAP) to `bridge` and bring it up."""
+        ...
+
+    def release_ports(self, ports: Sequence[str]) -> None:
+        """Delete departing clients' TAPs in one batch (absent ones are fine)."""
         ...
 
     def sweep(self, owner: str) -> list[str]:

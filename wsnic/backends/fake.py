@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from wsnic.errors import BackendError
@@ -147,6 +148,10 @@ class FakeBackend:
 
     def close(self) -> None:
         pass
+
+    def release_ports(self, ports: Sequence[str]) -> None:
+        for port in ports:
+            self.host.links.pop(port, None)
 
     def attach_port(self, port: str, bridge: str) -> None:
         self.host.links[port] = LinkState(port, "tun", "02:00:00:00:00:00", up=True, master=bridge)

@@ -16,7 +16,7 @@ import os
 import queue
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -30,6 +30,7 @@ from wsnic.backends.iproute2 import (
     parse_interface,
     prepare_link_step,
     refuse_foreign,
+    retiring_group,
     route_destination,
     unsupported,
 )
@@ -345,6 +346,29 @@ class NetlinkLinkBackend:
             ipr.link("set", ifname=port, master=msg["index"], state="up")
 
         self._call(f"RTM_NEWLINK {port} master={bridge} flags=+UP", attach)
+
+    def release_ports(self, ports: Sequence[str]) -> None:
+        """Move the ports into this process's retiring group, then delete the group at once."""
+        group = retiring_group()
+
+        def release(ipr: Any) -> None:
+            moved = 0
+            for port in ports:
+                try:
+                    ipr.link("set", ifname=port, group=group)
+                    moved += 1
+                except Exception as exc:
+                    if getattr(exc, "code", None) != errno.ENODEV:
+                        raise
+            if moved:
+                try:
+                    ipr.link("del", group=group)
+                except Exception as exc:  # ENODEV: the group emptied itself meanwhile
+                    if getattr(exc, "code", None) != errno.ENODEV:
+                        raise
+
+        self._call(f"RTM_NEWLINK group={group} x{len(ports)}, RTM_DELLINK group={group}",
+                   release)
 
     def sweep(self, owner: str) -> list[str]:
         if not owner:

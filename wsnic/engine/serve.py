@@ -52,7 +52,8 @@ async def _serve(profile: Profile, backends: Backends, journal: Journal) -> None
         relay = WorkerPool(profile, backends.link.name, workers)
         failed = relay.failed
     else:
-        relay = RelayServer(profile, backends.link.attach_port)
+        relay = RelayServer(profile, backends.link.attach_port,
+                            release_ports=backends.link.release_ports)
         failed = asyncio.Event()
     try:
         await relay.start()

@@ -45,6 +45,7 @@ from wsnic.relay.tap import open_tap
 log = logging.getLogger("wsnic.relay")
 
 AttachPort = Callable[[str, str], None]
+ReleasePorts = Callable[[list[str]], None]
 TapOpener = Callable[[str], tuple[int, str, str]]
 
 # Transport buffer bounds towards one client: above HIGH, frames to it are dropped and reading
@@ -424,7 +425,7 @@ class _Connection(asyncio.Protocol):
         self.tap_fd = None
         self.server.tap_holders -= 1
         self.loop.remove_reader(fd)
-        os.close(fd)
+        self.server.retire(fd, self.session.tap)
 
     # --- closing ----------------------------------------------------------------------------
 
@@ -489,8 +490,15 @@ class RelayServer:
 
     def __init__(self, profile: Profile, attach_port: AttachPort, *,
                  tap_opener: TapOpener = open_tap,
-                 on_connection_closed: Callable[[], None] | None = None) -> None:
+                 on_connection_closed: Callable[[], None] | None = None,
+                 release_ports: ReleasePorts | None = None) -> None:
         self.profile = profile
+        # Deletes departing TAPs in one batch (see LinkBackend.release_ports); without it each
+        # TAP goes when its fd is closed, which costs the kernel ~20 ms apiece.
+        self.release_ports = release_ports
+        self._retiring: list[tuple[int, str]] = []
+        self._retire_pending: asyncio.Handle | None = None
+        self._retirements: set[asyncio.Future[None]] = set()
         # Set in a worker process: tells the acceptor that a connection it handed over ended.
         self.on_connection_closed = on_connection_closed
         self.attach_port = attach_port
@@ -555,6 +563,34 @@ class RelayServer:
     def attach(self, tap: str, bridge: str) -> asyncio.Future[None]:
         assert self._pool is not None
         return self.loop.run_in_executor(self._pool, self.attach_port, tap, bridge)
+
+    def retire(self, fd: int, tap: str) -> None:
+        """Remove a departed client's TAP: gathered with the others that leave in the same
+        loop iteration, deleted as one group on the attach thread, then the fds closed."""
+        if self.release_ports is None or self._pool is None:
+            os.close(fd)
+            return
+        self._retiring.append((fd, tap))
+        if self._retire_pending is None:
+            self._retire_pending = self.loop.call_soon(self._retire_batch)
+
+    def _retire_batch(self) -> None:
+        batch, self._retiring, self._retire_pending = self._retiring, [], None
+        if not batch or self._pool is None:
+            return
+        future = self.loop.run_in_executor(self._pool, self._release_batch, batch)
+        self._retirements.add(future)
+        future.add_done_callback(self._retirements.discard)
+
+    def _release_batch(self, batch: list[tuple[int, str]]) -> None:
+        assert self.release_ports is not None
+        try:
+            self.release_ports([tap for _, tap in batch])
+        except Exception as exc:  # closing the fds below removes them anyway, just slower
+            log.warning("deleting %d departed TAPs at once failed: %s", len(batch), exc)
+        finally:
+            for fd, _ in batch:
+                os.close(fd)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -673,6 +709,11 @@ class RelayServer:
             conn.abort("server stopping")
         self.attaching.clear()
         await asyncio.sleep(0)
+        if self._retire_pending is not None:
+            self._retire_pending.cancel()
+            self._retire_batch()
+        if self._retirements:
+            await asyncio.wait(set(self._retirements), timeout=ATTACH_WAIT)
         for server in self._servers:
             # Python >= 3.12 also waits for connections still in their TLS handshake here.
             with contextlib.suppress(TimeoutError):

@@ -155,7 +155,8 @@ async def _serve(profile: Profile, link: str, channel: socket.socket, index: int
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     backend = link_backend(link)  # type: ignore[arg-type]
     reports = CloseReports(loop, channel, stop.set)
-    relay = RelayServer(profile, backend.attach_port, on_connection_closed=reports.closed)
+    relay = RelayServer(profile, backend.attach_port, on_connection_closed=reports.closed,
+                        release_ports=backend.release_ports)
     await relay.start(listen=False)
 
     def gone() -> None:
