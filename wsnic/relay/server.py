@@ -55,9 +55,14 @@ WRITE_LOW = 64 * 1024
 WRITE_CAP = 4 * WRITE_HIGH
 # One read returns one frame, whatever its size; a smaller read would truncate it.
 TAP_READ = 65535
+# Unsent bytes the kernel may hold for one client (see _tune_socket), and bytes read from one
+# client per wake-up.
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+NOTSENT_LOWAT = 128 * 1024
+READ_CHUNK = 32 * 1024
 # Frames read from one TAP per wake-up; the reader is level-triggered, so the rest follows on
 # the next loop iteration after other clients had their turn.
-READ_BATCH = 128
+READ_BATCH = 512
 # Messages above max_frame_size are dropped and counted; above this multiple of it the protocol
 # layer refuses to buffer them at all and closes the connection (1009).
 HARD_LIMIT_FACTOR = 4
@@ -89,6 +94,23 @@ def _first_offered(_: ServerProtocol, offered: Any) -> Subprotocol | None:
     # Browsers fail the handshake when they offered a subprotocol and get none back; the frame
     # format does not depend on it, so accept whatever the client calls it.
     return offered[0] if offered else None
+
+
+def _tune_socket(transport: asyncio.Transport) -> None:
+    """Bound the two queues that would otherwise hide frames from the drop policy.
+
+    TCP_NOTSENT_LOWAT: the kernel keeps at most this much unsent data (in-flight data, which
+    a long fat path needs, is not limited), so a slow reader's backlog stays in the transport
+    buffer, where it is bounded and dropped, instead of seconds of frames in a socket buffer
+    that autotuning grew to megabytes. A smaller read size per wake-up (where the transport
+    allows setting it) keeps one flooding client from holding the loop for milliseconds while
+    other clients' TAPs wait."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+    if hasattr(transport, "max_size"):
+        transport.max_size = READ_CHUNK
 
 
 def _peer_name(transport: asyncio.BaseTransport) -> str:
@@ -131,6 +153,7 @@ class _Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        _tune_socket(transport)
         self.session.peer = _peer_name(transport)
         self.server.connections.add(self)
         self.server.stats["connections"] += 1
