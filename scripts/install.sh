@@ -24,5 +24,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 extra=""
 [ "${1:-}" = "--test" ] && extra="[test]"
-.venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e ".${extra}"
+# The install is editable, so code changes need no reinstall; dependencies do. Reinstall only
+# when pyproject.toml (or the extra) changed since the last install.
+stamp=".venv/.wsnic-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) ${extra}"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -e ".${extra}"
+    echo "$want" > "$stamp"
+fi
