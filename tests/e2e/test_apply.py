@@ -214,6 +214,11 @@ def test_lock_leftover_journal_recover_status_and_child_supervision(host, tmp_pa
         [inst] = status["instances"]
         assert inst["alive"] and {s["state"] for s in inst["steps"]} == {"ok"}
 
+        # drift detection: the host matches the profile, so plan has nothing to do
+        plan = run_wsnic(host, ["plan", "profiles/default.yaml", "--state-dir", str(tmp_path)])
+        assert plan.returncode == 0, plan.stdout + plan.stderr
+        assert "0 to create, 0 to change, 4 in place" in plan.stdout
+
         # dnsmasq dies: wsnic notices and starts it again
         [pid] = dnsmasq_pids(host)
         os.kill(pid, signal.SIGKILL)
@@ -225,6 +230,16 @@ def test_lock_leftover_journal_recover_status_and_child_supervision(host, tmp_pa
                 break
             assert time.monotonic() < deadline, first.output()
             time.sleep(0.1)
+
+        # someone removes the gateway address behind wsnic's back: both commands notice
+        sh(["ip", "addr", "del", "192.168.86.1/24", "dev", "wsbr0"], netns=host)
+        plan = run_wsnic(host, ["plan", "profiles/default.yaml", "--state-dir", str(tmp_path)])
+        assert plan.returncode == 2 and "+ address 192.168.86.1/24 on wsbr0" in plan.stdout
+        status = json.loads(run_wsnic(host, ["status", "--json", "--state-dir",
+                                             str(tmp_path)]).stdout)
+        drift = [s["description"] for s in status["instances"][0]["steps"]
+                 if s["state"] == "DRIFT"]
+        assert drift == ["address 192.168.86.1/24 on wsbr0"], status
 
         first.signal(signal.SIGKILL)
         first.finish()
