@@ -64,3 +64,38 @@ def mac_str(mac: bytes | bytearray | memoryview) -> str:
 def source_mac(frame: bytes | bytearray | memoryview) -> str:
     """The source MAC of a frame of at least 12 bytes, for logs."""
     return mac_str(frame[ETH_ALEN : 2 * ETH_ALEN])
+
+
+def split_client_frames(buf: bytes, limit: int) -> tuple[list[tuple[int, int, int]], int, bool]:
+    """Find the complete client frames at the front of `buf`.
+
+    Returns (frames, consumed, passthrough). Each frame is (start, end, payload_start): the
+    relay unmasks a final binary frame of at most `limit` bytes itself (the one message kind
+    on the hot path) and hands any other complete frame, whole, to the websockets protocol,
+    which is then again at a frame boundary. `consumed` bytes are covered; the rest is a partial
+    frame. `passthrough` is True when a frame cannot be cut here (a 64-bit length, or no mask):
+    it and everything after it go to the protocol, which refuses them."""
+    frames: list[tuple[int, int, int]] = []
+    i, n = 0, len(buf)
+    while i + 2 <= n:
+        b1 = buf[i + 1]
+        length = b1 & 0x7F
+        if not b1 & 0x80 or length == 127:
+            return frames, i, True
+        head = i + 6
+        if length == 126:
+            if i + 4 > n:
+                break
+            length = int.from_bytes(buf[i + 2 : i + 4], "big")
+            head = i + 8
+        end = head + length
+        if end > n:
+            break
+        frames.append((i, end, head))
+        i = end
+    return frames, i, False
+
+
+def is_fast_binary(buf: bytes, start: int, end: int, head: int, limit: int) -> bool:
+    """A final binary frame small enough for the relay's own path."""
+    return buf[start] == _FIN_BINARY and end - head <= limit

@@ -28,6 +28,10 @@ import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
+try:  # websockets' C helper when it was built, else its pure-Python one
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover
+    from websockets.utils import apply_mask
 from websockets.exceptions import PayloadTooBig
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
@@ -38,8 +42,8 @@ from websockets.typing import Subprotocol
 from wsnic.config.models import Profile
 from wsnic.errors import BackendError, ConfigError
 from wsnic.relay import http as answers
-from wsnic.relay.frames import Drop, ws_binary_header
-from wsnic.relay.session import Counters, IdleAction, Phase, Policy, Session
+from wsnic.relay.frames import Drop, is_fast_binary, split_client_frames, ws_binary_header
+from wsnic.relay.session import OP_BINARY, Counters, IdleAction, Phase, Policy, Session
 from wsnic.relay.tap import open_tap
 
 log = logging.getLogger("wsnic.relay")
@@ -73,6 +77,9 @@ CLOSE_GRACE = 2.0
 ATTACH_WAIT = 10.0
 
 _DATA_OPCODES = (Opcode.CONT, Opcode.TEXT, Opcode.BINARY)
+# The protocol's size of the fragmented message in progress (None between messages); the
+# attribute's name changed across websockets versions.
+_FRAGMENT_SIZE = "current_size" if hasattr(ServerProtocol(), "current_size") else "cur_size"
 _TAP_FULL_ERRNOS = (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM, errno.EIO)
 # Why reading from a client is paused; it resumes when no reason is left.
 _ATTACHING = "attaching"  # frames wait in the socket until the TAP is on its bridge
@@ -145,6 +152,11 @@ class _Connection(asyncio.Protocol):
         self.close_deadline = 0.0
         self.reason = ""
         self.pending: list[Frame] = []
+        # Set once the WebSocket is open and the protocol is known to stand at a frame
+        # boundary: from then on data_received cuts frames itself (_split_and_relay).
+        self.fast = False
+        self.clean_boundary = False
+        self.inbuf = b""
         self.max_frame = server.policy.max_frame_size
 
     # --- asyncio.Protocol -------------------------------------------------------------------
@@ -163,16 +175,47 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.session.last_heard = self.loop.time()
-        protocol = self.protocol
         try:
-            protocol.receive_data(data)
-            events = protocol.events_received()
-            if events:
-                self._handle(events)
+            if self.fast:
+                self._split_and_relay(data)
+            else:
+                self._to_protocol(data)
             self._flush()
         except Exception:
             log.exception("%s: unexpected error; dropping this client", self.session.peer)
             self.abort("internal error")
+
+    def _to_protocol(self, data: bytes) -> None:
+        protocol = self.protocol
+        protocol.receive_data(data)
+        events = protocol.events_received()
+        if events:
+            self._handle(events)
+
+    def _split_and_relay(self, data: bytes) -> None:
+        """The hot path once the WebSocket is open: cut complete frames here, unmask final
+        binary ones and write them to the TAP; hand any other frame, whole, to the protocol
+        (pings, close, text, fragments), which thus stays at a frame boundary. The websockets
+        parser costs ~2.5 us a frame; this ~0.5 us."""
+        buf = self.inbuf + data if self.inbuf else data
+        limit = self.server.protocol_max_size
+        frames, used, passthrough = split_client_frames(buf, limit)
+        protocol = self.protocol
+        session = self.session
+        for start, end, head in frames:
+            fragmenting = getattr(protocol, _FRAGMENT_SIZE) is not None
+            if not fragmenting and is_fast_binary(buf, start, end, head, limit):
+                frame = session.on_data(OP_BINARY, apply_mask(buf[head:end], buf[head - 4 : head]),
+                                        True)
+                if frame is not None:
+                    self._to_tap(frame)
+            else:
+                self._to_protocol(buf[start:end])
+        if passthrough:
+            self.fast, self.inbuf = False, b""
+            self._to_protocol(buf[used:])
+        else:
+            self.inbuf = buf[used:]
 
     def eof_received(self) -> bool | None:
         if not self.reason and self.protocol.state is State.OPEN:
@@ -308,6 +351,9 @@ class _Connection(asyncio.Protocol):
     def _on_request(self, request: Request) -> None:
         server = self.server
         session = self.session
+        # Nothing arrived behind the request: the protocol's parser waits at a frame boundary,
+        # so the hot path may take over once the upgrade is done (see _split_and_relay).
+        self.clean_boundary = not getattr(self.protocol.reader, "buffer", b"x")
         path = request.path.split("?", 1)[0]  # the query may carry a token: never logged
         if server.profile.server.trust_proxy:
             forwarded = answers.forwarded_for(request)
@@ -370,6 +416,7 @@ class _Connection(asyncio.Protocol):
                 return
             self.protocol.send_response(response)
             session.phase = Phase.OPEN
+            self.fast = self.clean_boundary and not self.pending
             now = self.loop.time()
             session.last_heard = session.last_ping = now
             self.server.stats["upgrades"] += 1
