@@ -239,7 +239,9 @@ def test_lock_leftover_journal_recover_status_and_child_supervision(host, tmp_pa
                                              str(tmp_path)]).stdout)
         drift = [s["description"] for s in status["instances"][0]["steps"]
                  if s["state"] == "DRIFT"]
-        assert drift == ["address 192.168.86.1/24 on wsbr0"], status
+        # (dnsmasq may notice its listen address went and be restarting too)
+        assert "address 192.168.86.1/24 on wsbr0" in drift, status
+        assert "bridge wsbr0 (mac 76:14:1c:2a:47:8f)" not in drift
 
         first.signal(signal.SIGKILL)
         first.finish()

@@ -346,7 +346,15 @@ def test_a_tagged_process_elsewhere_is_not_ours() -> None:
             ["ip", "netns", "exec", ns_b, "setpriv", "--reuid=65534", "--regid=65534",
              "--clear-groups", "sleep", "30"], env=env)
         try:
-            assert wait_for(lambda: len(ns_pids(ns_a)) == 1 and len(ns_pids(ns_b)) == 1)
+            # wait until setpriv has really switched to the other user (and exec'd sleep)
+            def switched() -> bool:
+                uids = set()
+                for pid in ns_pids(ns_b):
+                    with contextlib.suppress(FileNotFoundError):
+                        uids.add(os.stat(f"/proc/{pid}").st_uid)
+                return len(ns_pids(ns_a)) == 1 and uids == {65534}
+
+            assert wait_for(switched)
             backend = ChildProcessBackend(ns_b)
             assert backend.running(owner) == []
             assert backend.sweep(owner) == []
