@@ -13,7 +13,6 @@ from enum import StrEnum
 
 ETH_HEADER_LEN = 14  # destination MAC, source MAC, ethertype
 ETH_ALEN = 6
-BROADCAST_MAC = b"\xff" * ETH_ALEN
 ZERO_MAC = b"\x00" * ETH_ALEN
 
 # FIN + opcode 2 (binary); the server never masks (RFC 6455 section 5.1).
