@@ -46,6 +46,66 @@ def retiring_group() -> int:
     ever in it."""
     return 0x57530000 | (os.getpid() & 0xFFFF)
 
+
+def link_of(step: Step) -> str | None:
+    """The link a link step is about (None for a sysctl)."""
+    match step:
+        case CreateBridge(name=name) | DeleteBridge(name=name):
+            return name
+        case AddAddress(link=link) | DeleteAddress(link=link):
+            return link
+        case SetLinkUp(link=link) | SetLinkDown(link=link):
+            return link
+    return None
+
+
+def needs_change(step: Step, state: LinkState | None) -> bool:
+    """Both link backends' one decision: must `step` act, given its link as observed (None:
+    absent)? False when it already holds (an Ensure step in place, a removal of what is gone);
+    BackendError for a link wsnic does not own, or a missing link the step needs."""
+    what = step.describe()
+    match step:
+        case CreateBridge(owner=owner):
+            if state is None:
+                return True
+            if is_our_bridge(state, owner):
+                return False
+            raise refuse_foreign(state, step)
+        case DeleteBridge(owner=owner):
+            if state is None:
+                return False
+            if is_our_bridge(state, owner) or is_half_created(state, step):
+                return True
+            raise refuse_foreign(state, step)
+        case AddAddress(owner=owner, address=address):
+            check_owned(_existing(state, step), owner, what)
+            return not has_address(_existing(state, step), address)
+        case SetLinkUp(owner=owner):
+            check_owned(_existing(state, step), owner, what)
+            return not _existing(state, step).up
+        case DeleteAddress(owner=owner, address=address):
+            if state is None:
+                return False
+            check_owned(state, owner, what)
+            return has_address(state, address)
+        case SetLinkDown(owner=owner):
+            if state is None:
+                return False
+            check_owned(state, owner, what)
+            return state.up
+    return True  # a sysctl is written whatever it holds: prepare recorded the old value
+
+
+def _existing(state: LinkState | None, step: Step) -> LinkState:
+    if state is None:
+        raise BackendError(f"{step.describe()}: link {link_of(step)} does not exist")
+    return state
+
+
+def has_address(state: LinkState, address: str) -> bool:
+    wanted = parse_interface(state.name, address)
+    return any(parse_interface(state.name, have) == wanted for have in state.addresses)
+
 def prepare_link_step(backend: str, step: Step, sysctl: Callable[[str], str | None]) -> Step:
     """Both link backends' prepare: refuse foreign step kinds; record a sysctl's value."""
     if not isinstance(step, LINK_STEPS):
@@ -194,54 +254,21 @@ class Iproute2LinkBackend:
 
     def apply(self, step: Step) -> Step | None:
         argvs = self._argvs(step)  # validates the step before anything is read or changed
+        name = link_of(step)
+        if not needs_change(step, self._get(name) if name is not None else None):
+            return None
         match step:
             case CreateBridge():
                 self._create_bridge(step, argvs)
-            case DeleteBridge():
-                state = self._get(step.name)
-                if state is None:
-                    return None
-                if not (is_our_bridge(state, step.owner) or is_half_created(state, step)):
-                    raise refuse_foreign(state, step)
+            case DeleteBridge() | SetLinkDown():
                 self._run_tolerating_missing(argvs[0])
-            case AddAddress(link=link, address=address, owner=owner):
-                state = self._get(link)
-                if state is None:
-                    raise BackendError(f"{step.describe()}: link {link} does not exist")
-                check_owned(state, owner, step.describe())
-                if not _has_address(state, link, address):
-                    run(argvs[0])
-            case DeleteAddress(link=link, address=address, owner=owner):
-                state = self._get(link)
-                if state is None:
-                    return None
-                check_owned(state, owner, step.describe())
-                if _has_address(state, link, address):
-                    run(argvs[0])
-            case SetLinkUp(link=link, owner=owner):
-                state = self._get(link)
-                if state is None:
-                    raise BackendError(f"{step.describe()}: link {link} does not exist")
-                check_owned(state, owner, step.describe())
-                if not state.up:
-                    run(argvs[0])
-            case SetLinkDown(link=link, owner=owner):
-                state = self._get(link)
-                if state is None:
-                    return None
-                check_owned(state, owner, step.describe())
-                if state.up:
-                    self._run_tolerating_missing(argvs[0])
             case SetSysctl():
                 run(argvs[0], netns=self.netns)
+            case _:
+                run(argvs[0])
         return None
 
     def _create_bridge(self, step: CreateBridge, argvs: list[list[str]]) -> None:
-        state = self._get(step.name)
-        if state is not None:
-            if is_our_bridge(state, step.owner):
-                return
-            raise refuse_foreign(state, step)
         run(argvs[0])
         try:
             run(argvs[1])
@@ -318,8 +345,3 @@ def _route_state(item: dict[str, Any]) -> RouteState:
     if dst == "0.0.0.0/0":
         dst = "default"
     return RouteState(destination=dst, device=item.get("dev"))
-
-
-def _has_address(state: LinkState, link: str, address: str) -> bool:
-    wanted = parse_interface(link, address)
-    return any(parse_interface(link, have) == wanted for have in state.addresses)

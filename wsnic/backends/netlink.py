@@ -24,12 +24,10 @@ from wsnic.backends import _sysctl
 from wsnic.backends._netns import enter_netns
 from wsnic.backends.iproute2 import (
     MAIN_TABLE,
-    check_owned,
-    is_half_created,
-    is_our_bridge,
+    link_of,
+    needs_change,
     parse_interface,
     prepare_link_step,
-    refuse_foreign,
     retiring_group,
     route_destination,
     unsupported,
@@ -261,60 +259,32 @@ class NetlinkLinkBackend:
 
     def apply(self, step: Step) -> Step | None:
         what = "; ".join(self._ops(step))  # validates the step before anything is read
+        name = link_of(step)
+        if not needs_change(step, self._get(name) if name is not None else None):
+            return None
         match step:
             case CreateBridge():
                 self._create_bridge(step, what)
             case DeleteBridge():
-                state = self._get(step.name)
-                if state is None:
-                    return None
-                if not (is_our_bridge(state, step.owner) or is_half_created(state, step)):
-                    raise refuse_foreign(state, step)
                 self._call(what, _deleter(step.name))
-            case AddAddress(link=link, address=address, owner=owner):
-                state = self._get(link)
-                if state is None:
-                    raise BackendError(f"{step.describe()}: link {link} does not exist")
-                check_owned(state, owner, step.describe())
+            case AddAddress(link=link, address=address):
                 iface = parse_interface(link, address)
-                if not _has(state, iface):
-                    self._call(what, lambda ipr: _add_address(ipr, link, iface))
-            case DeleteAddress(link=link, address=address, owner=owner):
-                state = self._get(link)
-                if state is None:
-                    return None
-                check_owned(state, owner, step.describe())
+                self._call(what, lambda ipr: _add_address(ipr, link, iface))
+            case DeleteAddress(link=link, address=address):
                 iface = parse_interface(link, address)
-                if _has(state, iface):
-                    self._call(what, lambda ipr: _del_address(ipr, link, iface))
-            case SetLinkUp(link=link, owner=owner):
-                state = self._get(link)
-                if state is None:
-                    raise BackendError(f"{step.describe()}: link {link} does not exist")
-                check_owned(state, owner, step.describe())
-                if not state.up:
-                    self._call(what, lambda ipr: ipr.link("set", ifname=link, state="up"))
-            case SetLinkDown(link=link, owner=owner):
-                state = self._get(link)
-                if state is None:
-                    return None
-                check_owned(state, owner, step.describe())
-                if state.up:
-                    self._call(
-                        what, lambda ipr: _tolerate_gone(ipr.link, "set", ifname=link, state="down")
-                    )
-            case SetSysctl(name=name, value=value):
-                path = _sysctl.proc_path(name)
+                self._call(what, lambda ipr: _del_address(ipr, link, iface))
+            case SetLinkUp(link=link):
+                self._call(what, lambda ipr: ipr.link("set", ifname=link, state="up"))
+            case SetLinkDown(link=link):
+                self._call(
+                    what, lambda ipr: _tolerate_gone(ipr.link, "set", ifname=link, state="down")
+                )
+            case SetSysctl(name=sysctl, value=value):
+                path = _sysctl.proc_path(sysctl)
                 self._call(what, lambda _ipr: _write(path, value))
         return None
 
     def _create_bridge(self, step: CreateBridge, what: str) -> None:
-        state = self._get(step.name)
-        if state is not None:
-            if is_our_bridge(state, step.owner):
-                return
-            raise refuse_foreign(state, step)
-
         def create(ipr: Any) -> None:
             ipr.link("add", ifname=step.name, kind="bridge", address=step.mac.lower())
             try:
@@ -469,10 +439,6 @@ def _link_state(msg: Any, addrs: list[Any], names: dict[int, Any]) -> LinkState:
         ),
         master=names.get(master) if master else None,
     )
-
-
-def _has(state: LinkState, iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> bool:
-    return any(parse_interface(state.name, have) == iface for have in state.addresses)
 
 
 def _as_backend_error(exc: BaseException, what: str) -> BaseException:
