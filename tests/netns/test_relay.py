@@ -246,23 +246,7 @@ def wait_arp_reply(ws: ClientConnection, ip: str, timeout: float = TIMEOUT) -> N
 def recv_arp_reply_raw(sock: socket.socket, ip: str, buf: bytes = b"",
                        timeout: float = TIMEOUT) -> None:
     """Parse server frames (unmasked) from `buf`, then the socket, until an ARP reply."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        while len(buf) >= 2:
-            length, head = buf[1] & 0x7F, 2
-            if length == 126:
-                if len(buf) < 4:
-                    break
-                length, head = struct.unpack("!H", buf[2:4])[0], 4
-            if len(buf) < head + length:
-                break
-            payload, buf = buf[head:head + length], buf[head + length:]
-            if is_arp_reply_from(payload, ip):
-                return
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed before the ARP reply"
-        buf += chunk
-    raise AssertionError(f"no ARP reply from {ip}")
+    ws_frames(sock, lambda payload: is_arp_reply_from(payload, ip), timeout, buf)
 
 
 @contextlib.contextmanager
@@ -655,10 +639,10 @@ def test_a_ping_flood_that_is_never_read_stays_bounded(env: Env, pair: Pair) -> 
 
 
 def ws_frames(sock: socket.socket, done: Callable[[bytes], bool],
-              timeout: float = TIMEOUT) -> list[bytes]:
-    """Payloads of the server's (unmasked) frames on `sock`, up to the first that is `done`."""
+              timeout: float = TIMEOUT, buf: bytes = b"") -> list[bytes]:
+    """Payloads of the server's (unmasked) frames in `buf`, then on `sock`, up to the first
+    that is `done`."""
     frames: list[bytes] = []
-    buf = b""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         while len(buf) >= 2:
