@@ -30,6 +30,7 @@ import yaml
 from wsnic.backends._run import run
 from wsnic.config.models import Profile
 from wsnic.relay.server import RelayServer
+from wsnic.relay.settings import RelaySettings
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,7 +91,7 @@ def write_stats(relay: RelayServer, path: str | None) -> None:
 
 
 async def serve(profile: Profile, stats_path: str | None) -> None:
-    relay = RelayServer(profile, attach_port)
+    relay = RelayServer(RelaySettings.from_profile(profile), attach_port)
     await relay.start()
     loop = asyncio.get_running_loop()
     done = asyncio.Event()

@@ -7,6 +7,7 @@ from websockets.server import ServerProtocol
 
 from wsnic.config.models import Network, Profile, Server
 from wsnic.relay import http as answers
+from wsnic.relay.settings import RelaySettings
 
 KEY = base64.b64encode(b"0123456789abcdef").decode()
 ONE = Profile()
@@ -30,7 +31,7 @@ def decide(raw: bytes, profile: Profile, clients: int = 0):
     protocol.receive_data(raw)
     [request] = protocol.events_received()
     assert isinstance(request, Request)
-    result = answers.answer(protocol, request, profile, clients)
+    result = answers.answer(protocol, request, RelaySettings.from_profile(profile), clients)
     protocol.send_response(result.response)
     wire = b"".join(protocol.data_to_send())
     return result, wire, protocol

@@ -26,6 +26,7 @@ import pytest
 
 from wsnic.config.models import Profile
 from wsnic.relay.pool import MAX_QUEUED, REPORT_MAX, WorkerPool, _Worker, raise_fd_limit
+from wsnic.relay.settings import RelaySettings
 
 TIMEOUT = 10.0
 
@@ -80,7 +81,8 @@ class StandIn:
 
 @contextlib.contextmanager
 def stand_in_pool(count: int, **server: object) -> Iterator[tuple[WorkerPool, list[StandIn]]]:
-    pool = WorkerPool(profile(max_clients=65536, **server), "iproute2", count)
+    pool = WorkerPool(RelaySettings.from_profile(profile(max_clients=65536, **server)), "iproute2",
+                      count)
     pool._loop = asyncio.get_running_loop()
     stand_ins: list[StandIn] = []
     try:
@@ -136,7 +138,7 @@ def test_a_burst_waits_for_busy_workers_instead_of_killing_them() -> None:
 
     async def main() -> None:
         with stand_in_pool(2) as (pool, stand_ins):
-            port = pool.profile.server.ws_port
+            port = pool.settings.ws_port
             pool._listen(port, tls=False)
             clients: list[socket.socket] = []
             try:
@@ -220,7 +222,7 @@ def test_a_dead_worker_leaves_its_queue_to_the_others_and_a_live_one_is_killed(
 
 @contextlib.contextmanager
 def worker_process(**server: object) -> Iterator[_Worker]:
-    pool = WorkerPool(profile(**server), "iproute2", 1)
+    pool = WorkerPool(RelaySettings.from_profile(profile(**server)), "iproute2", 1)
     worker = pool._spawn(0)
     try:
         worker.channel.settimeout(TIMEOUT)
@@ -276,13 +278,13 @@ def test_stopped_workers_serve_a_burst_once_they_continue() -> None:
     need_fds(3 * count)
 
     async def main() -> None:
-        pool = WorkerPool(profile(), "iproute2", 2)
+        pool = WorkerPool(RelaySettings.from_profile(profile()), "iproute2", 2)
         await pool.start()
         clients: list[socket.socket] = []
         try:
             for worker in pool.workers:
                 os.kill(worker.proc.pid, signal.SIGSTOP)  # busy: reads nothing for a while
-            port = pool.profile.server.ws_port
+            port = pool.settings.ws_port
             for _ in range(count):
                 sock = socket.create_connection(("127.0.0.1", port))
                 sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -362,10 +364,11 @@ ACCEPTOR = """
 import asyncio, sys
 from wsnic.config.models import Profile
 from wsnic.relay.pool import WorkerPool
+from wsnic.relay.settings import RelaySettings
 
 async def main():
     profile = Profile.model_validate({"server": {"ws_port": int(sys.argv[1])}})
-    pool = WorkerPool(profile, "iproute2", 1)
+    pool = WorkerPool(RelaySettings.from_profile(profile), "iproute2", 1)
     await pool.start()
     print(pool.workers[0].proc.pid, flush=True)
     await asyncio.sleep(60)

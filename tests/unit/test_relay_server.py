@@ -25,6 +25,7 @@ from wsnic.config.models import Profile
 from wsnic.errors import BackendError, ConfigError
 from wsnic.relay.frames import Drop
 from wsnic.relay.server import READ_BATCH, WRITE_HIGH, RelayServer
+from wsnic.relay.settings import RelaySettings
 
 FRAME = b"\xff" * 6 + bytes.fromhex("020000000001") + b"\x88\xb5" + bytes(range(46))
 REPLY = bytes.fromhex("020000000001") + bytes.fromhex("020000000002") + b"\x88\xb5" + b"r" * 46
@@ -103,7 +104,7 @@ def run(test: Callable[[Harness], Awaitable[None]], *, fail_attach: bool = False
         attached.append((tap, bridge))
 
     async def main() -> None:
-        relay = RelayServer(profile, attach, tap_opener=taps)
+        relay = RelayServer(RelaySettings.from_profile(profile), attach, tap_opener=taps)
         await relay.start()
         try:
             await asyncio.wait_for(test(Harness(relay, taps, attached, port)), 30)
@@ -298,7 +299,7 @@ def test_unreadable_certificate_is_a_config_error_naming_the_file(tmp_path):
         "ws_port": free_port(), "wss_port": free_port(), "tls": {"certificate": str(cert)}}})
 
     async def main() -> None:
-        relay = RelayServer(profile, lambda tap, bridge: None)
+        relay = RelayServer(RelaySettings.from_profile(profile), lambda tap, bridge: None)
         with pytest.raises(ConfigError, match=r"missing\.pem"):
             await relay.start()
         assert relay.addresses == []
@@ -314,7 +315,7 @@ def test_busy_port_is_a_backend_error_naming_the_address():
         profile = Profile.model_validate({"server": {"ws_port": port}})
 
         async def main() -> None:
-            relay = RelayServer(profile, lambda tap, bridge: None)
+            relay = RelayServer(RelaySettings.from_profile(profile), lambda tap, bridge: None)
             with pytest.raises(BackendError, match=re.escape(f"127.0.0.1:{port}")):
                 await relay.start()
 
@@ -433,7 +434,7 @@ def test_a_tls_hand_over_without_a_certificate_is_reported_ended():
     ended: list[int] = []
 
     async def main() -> None:
-        relay = RelayServer(profile, lambda tap, bridge: None,
+        relay = RelayServer(RelaySettings.from_profile(profile), lambda tap, bridge: None,
                             on_connection_closed=lambda: ended.append(1))
         await relay.start(listen=False)
         try:

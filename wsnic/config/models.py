@@ -279,13 +279,3 @@ class Profile(_Frozen):
     def owner(self) -> str:
         """The tag carried by every host object of this instance."""
         return owner_tag(self.name)
-
-    def network_for_path(self, path: str) -> Network | None:
-        """The network a WebSocket URL path selects; the first one also answers '/'."""
-        path = path.split("?", 1)[0] or "/"
-        if len(self.networks) == 1:
-            return self.networks[0]
-        for net in self.networks:
-            if net.path.rstrip("/") == path.rstrip("/") and net.path != "/":
-                return net
-        return self.networks[0] if path == "/" else None

@@ -37,6 +37,7 @@ async def _serve(profile: Profile, backends: Backends, journal: Journal) -> None
     # The data plane is imported here: plan, status and rollback never need it.
     from wsnic.relay.pool import WorkerPool
     from wsnic.relay.server import RelayServer
+    from wsnic.relay.settings import RelaySettings
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -47,12 +48,13 @@ async def _serve(profile: Profile, backends: Backends, journal: Journal) -> None
 
     signals.call_on_stop(on_stop)
     workers = relay_workers(profile)
+    settings = RelaySettings.from_profile(profile)
     relay: WorkerPool | RelayServer
     if workers > 1:
-        relay = WorkerPool(profile, backends.link.name, workers)
+        relay = WorkerPool(settings, backends.link.name, workers)
         failed = relay.failed
     else:
-        relay = RelayServer(profile, backends.link.attach_port,
+        relay = RelayServer(settings, backends.link.attach_port,
                             release_ports=backends.link.release_ports)
         failed = asyncio.Event()
     try:

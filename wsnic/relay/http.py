@@ -15,7 +15,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
-from wsnic.config.models import Network, Profile
+from wsnic.relay.settings import RelayNetwork, RelaySettings
 
 # The original's page: a browser pointed at the server (often to accept a self-signed
 # certificate) learns that TLS works and that this is not a web server.
@@ -83,13 +83,14 @@ class Answer:
     """The decision for one request: `network` is set only when `response` is the 101."""
 
     response: Response
-    network: Network | None
+    network: RelayNetwork | None
     why: str  # for the log: "accepted", "unknown path", the handshake error …
 
 
-def answer(protocol: ServerProtocol, request: Request, profile: Profile, clients: int) -> Answer:
+def answer(protocol: ServerProtocol, request: Request, settings: RelaySettings,
+           clients: int) -> Answer:
     """Decide on `request`; the caller sends `answer.response` with protocol.send_response."""
-    network = profile.network_for_path(request.path)
+    network = settings.network_for_path(request.path)
     if network is None:
         return Answer(not_found(request.path), None,
                       f"unknown path {request.path.split('?', 1)[0]!r}")
@@ -97,10 +98,10 @@ def answer(protocol: ServerProtocol, request: Request, profile: Profile, clients
     if response.status_code != http.HTTPStatus.SWITCHING_PROTOCOLS:
         cause = protocol.handshake_exc
         return Answer(upgrade_required(), None, f"no valid WebSocket upgrade ({cause})")
-    if clients >= profile.server.max_clients:
+    if clients >= settings.max_clients:
         return Answer(
-            unavailable(profile.server.max_clients), None,
-            f"server full ({profile.server.max_clients} clients)",
+            unavailable(settings.max_clients), None,
+            f"server full ({settings.max_clients} clients)",
         )
     return Answer(response, network, "accepted")
 

@@ -32,8 +32,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wsnic.config.models import Profile
 from wsnic.errors import BackendError
+from wsnic.relay.settings import RelaySettings
 
 log = logging.getLogger("wsnic.relay")
 
@@ -77,8 +77,8 @@ class _Worker:
 
 
 class WorkerPool:
-    def __init__(self, profile: Profile, link: str, count: int) -> None:
-        self.profile = profile
+    def __init__(self, settings: RelaySettings, link: str, count: int) -> None:
+        self.settings = settings
         self.link = link
         self.count = count
         self.workers: list[_Worker] = []
@@ -109,9 +109,9 @@ class WorkerPool:
         await self._wait_ready()
         for worker in self.workers:
             self._watch(worker)
-        srv = self.profile.server
+        srv = self.settings
         self._listen(srv.ws_port, tls=False)
-        if srv.tls.certificate is not None:
+        if srv.certificate is not None:
             self._listen(srv.wss_port, tls=True)
         log.info("relay runs in %d worker processes (pids %s)", self.count,
                  ", ".join(str(w.proc.pid) for w in self.workers))
@@ -119,7 +119,7 @@ class WorkerPool:
     def _spawn(self, index: int) -> _Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         settings = {
-            "profile": self.profile.model_dump(mode="json"),
+            "relay": self.settings.to_json(),
             "link": self.link,
             "index": index,
             "channel": theirs.fileno(),
@@ -171,7 +171,7 @@ class WorkerPool:
         self._loop.remove_writer(worker.channel.fileno())
 
     def _listen(self, port: int, tls: bool) -> None:
-        host = str(self.profile.server.address)
+        host = self.settings.address
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
             sock = socket.create_server((host, port), family=family, backlog=BACKLOG)
@@ -252,7 +252,7 @@ class WorkerPool:
         if worker is None:
             conn.close()
             return
-        full = self.active >= self.profile.server.max_clients
+        full = self.active >= self.settings.max_clients
         kind = (b"t" if full else b"T") if tls else (b"p" if full else b"P")
         worker.active += 1
         if worker.queue or not self._pass(worker, kind, conn):

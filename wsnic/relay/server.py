@@ -39,11 +39,11 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
-from wsnic.config.models import Profile
 from wsnic.errors import BackendError, ConfigError
 from wsnic.relay import http as answers
 from wsnic.relay.frames import Drop, is_fast_binary, split_client_frames, ws_binary_header
 from wsnic.relay.session import OP_BINARY, Counters, IdleAction, Phase, Policy, Session
+from wsnic.relay.settings import RelaySettings
 from wsnic.relay.tap import open_tap
 
 log = logging.getLogger("wsnic.relay")
@@ -355,16 +355,16 @@ class _Connection(asyncio.Protocol):
         # so the hot path may take over once the upgrade is done (see _split_and_relay).
         self.clean_boundary = not getattr(self.protocol.reader, "buffer", b"x")
         path = request.path.split("?", 1)[0]  # the query may carry a token: never logged
-        if server.profile.server.trust_proxy:
+        if server.settings.trust_proxy:
             forwarded = answers.forwarded_for(request)
             if forwarded:
                 session.peer = f"{forwarded} (via {session.peer})"
         if server.stopping:
             self.reason = "server stopping"
-            self.protocol.send_response(answers.unavailable(server.profile.server.max_clients))
+            self.protocol.send_response(answers.unavailable(server.settings.max_clients))
             return
-        clients = server.profile.server.max_clients if self.refuse else server.client_count
-        decision = answers.answer(self.protocol, request, server.profile, clients)
+        clients = server.settings.max_clients if self.refuse else server.client_count
+        decision = answers.answer(self.protocol, request, server.settings, clients)
         if decision.network is None:
             status = decision.response.status_code
             server.stats[f"refused_{status}"] = server.stats.get(f"refused_{status}", 0) + 1
@@ -375,7 +375,7 @@ class _Connection(asyncio.Protocol):
             return
         network = decision.network
         try:
-            fd, tap, mac = server.tap_opener(server.profile.server.tap_name)
+            fd, tap, mac = server.tap_opener(server.settings.tap_name)
         except Exception as exc:
             log.error("%s: cannot create a TAP: %s", session.peer, exc)
             server.stats["failed_setup"] += 1
@@ -559,11 +559,11 @@ class RelayServer:
     thread (it may run a command), one call at a time, so it needs no thread safety.
     """
 
-    def __init__(self, profile: Profile, attach_port: AttachPort, *,
+    def __init__(self, settings: RelaySettings, attach_port: AttachPort, *,
                  tap_opener: TapOpener = open_tap,
                  on_connection_closed: Callable[[], None] | None = None,
                  release_ports: ReleasePorts | None = None) -> None:
-        self.profile = profile
+        self.settings = settings
         # Deletes departing TAPs in one batch (see LinkBackend.release_ports); without it each
         # TAP goes when its fd is closed, which costs the kernel ~20 ms apiece.
         self.release_ports = release_ports
@@ -574,7 +574,7 @@ class RelayServer:
         self.on_connection_closed = on_connection_closed
         self.attach_port = attach_port
         self.tap_opener = tap_opener
-        srv = profile.server
+        srv = settings
         self.policy = Policy(
             max_frame_size=srv.max_frame_size,
             ping_interval=srv.ping_interval,
@@ -666,7 +666,7 @@ class RelayServer:
     # --- lifecycle --------------------------------------------------------------------------
 
     def _ssl_context(self) -> ssl.SSLContext:
-        tls = self.profile.server.tls
+        tls = self.settings
         assert tls.certificate is not None
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -680,7 +680,7 @@ class RelayServer:
         return context
 
     async def _listen(self, port: int, context: ssl.SSLContext | None) -> None:
-        host = str(self.profile.server.address)
+        host = self.settings.address
         tls = context is not None
         try:
             server = await self.loop.create_server(
@@ -702,8 +702,8 @@ class RelayServer:
         """Listen on ws_port, and on wss_port when a certificate is configured. A worker
         process does not listen (`listen=False`): it adopts sockets its acceptor accepted."""
         self._loop = asyncio.get_running_loop()
-        srv = self.profile.server
-        context = self._ssl_context() if srv.tls.certificate is not None else None
+        srv = self.settings
+        context = self._ssl_context() if srv.certificate is not None else None
         self._tls_context = context
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="wsnic-attach"
@@ -717,7 +717,7 @@ class RelayServer:
             await self.stop()
             raise
         self._timer = self.loop.call_later(self.tick_interval, self._tick)
-        for net in self.profile.networks:
+        for net in self.settings.networks:
             log.info("network %s: path %s -> bridge %s", net.name, net.path, net.bridge)
 
     def adopt(self, sock: socket.socket, tls: bool, refuse: bool) -> None:

@@ -29,10 +29,10 @@ from collections.abc import Callable
 from typing import Any
 
 from wsnic.backends.select import link_backend
-from wsnic.config.models import Profile
 from wsnic.logs import setup_logging
 from wsnic.relay.pool import REPORT_MAX, raise_fd_limit
 from wsnic.relay.server import RelayServer
+from wsnic.relay.settings import RelaySettings
 
 log = logging.getLogger("wsnic.relay")
 
@@ -149,13 +149,14 @@ class HandOvers:
                             "open-file limit", dropped)
 
 
-async def _serve(profile: Profile, link: str, channel: socket.socket, index: int) -> None:
+async def _serve(relay_settings: RelaySettings, link: str, channel: socket.socket,
+                 index: int) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     backend = link_backend(link)  # type: ignore[arg-type]
     reports = CloseReports(loop, channel, stop.set)
-    relay = RelayServer(profile, backend.attach_port, on_connection_closed=reports.closed,
+    relay = RelayServer(relay_settings, backend.attach_port, on_connection_closed=reports.closed,
                         release_ports=backend.release_ports)
     await relay.start(listen=False)
 
@@ -185,9 +186,9 @@ def main() -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     setup_logging(int(settings["log_level"]), tag=f"[w{settings['index']}]")
     log.debug("relay worker %s: open-file limit %d", settings["index"], raise_fd_limit())
-    profile = Profile.model_validate(settings["profile"])
+    relay_settings = RelaySettings.from_json(settings["relay"])
     channel = socket.socket(fileno=int(settings["channel"]))
-    asyncio.run(_serve(profile, str(settings["link"]), channel, int(settings["index"])))
+    asyncio.run(_serve(relay_settings, str(settings["link"]), channel, int(settings["index"])))
     return 0
 
 
