@@ -1,6 +1,6 @@
 """Processes and namespaces for the benchmarks: throwaway `wsnt-bench-*` namespaces, the server
-under test inside one, and its CPU and RSS read from /proc. Everything started here is stopped by
-PID; a namespace is deleted after the processes inside it (all started by the bench) are killed.
+under test inside one, and its CPU, RSS and PSS read from /proc. Everything started here is stopped
+by PID; a namespace is deleted after the processes inside it (all started by the bench) are killed.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ NS_PREFIX = "wsnt-bench-"
 WS_PORT = 8086
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+SAMPLE_S = 0.1  # CPU/RSS sampling period
+PSS_SLOW_S = 0.5  # PSS period once one PSS read of the tree cost more than PSS_SLOW_READ_S
+PSS_SLOW_READ_S = 0.02  # CPU time of the reading thread (waiting for a busy CPU does not count)
 
 
 class BenchError(Exception):
@@ -117,6 +120,19 @@ def _stat(pid: int) -> tuple[int, int, int] | None:
     return int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[21]) * PAGE_KB
 
 
+def _pss(pid: int) -> int | None:
+    """Proportional set size of a process in KB (`Pss:` of smaps_rollup), None when it is gone
+    (or has no memory left: a zombie, whose read fails with ESRCH)."""
+    try:
+        raw = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return None
+    for line in raw.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return None
+
+
 def descendants(root: int) -> list[int]:
     """root and every process below it."""
     children: dict[int, list[int]] = {}
@@ -158,9 +174,16 @@ def link_count(pid: int) -> int:
 
 
 class Monitor:
-    """Samples the server's process tree: CPU ticks per window and RSS (peak) every 100 ms.
+    """Samples the server's process tree: CPU ticks per window, RSS (peak) every 100 ms, and PSS
+    (peak) every 100 ms too, or every 500 ms once one PSS read of the whole tree cost over 20 ms
+    of CPU (smaps_rollup walks every mapping of a process, stat does not).
 
-    Above `rss_limit_kb` the server is killed (by PID) so that a runaway cannot take the machine.
+    RSS sums each process's resident pages, so pages shared by several processes of the tree
+    (libpython, libc, ...) count once per process; PSS divides each shared page among the
+    processes that map it, so the tree's PSS sum is the memory the tree really uses.
+
+    Above `rss_limit_kb` (RSS) the server is killed (by PID) so that a runaway cannot take the
+    machine.
     """
 
     def __init__(self, proc: subprocess.Popen[Any], rss_limit_kb: int) -> None:
@@ -171,40 +194,66 @@ class Monitor:
         self.rss_kb = 0
         self.rss_main_kb = 0
         self.peak_kb = 0
+        self.pss_kb = 0
+        self.pss_peak_kb = 0
+        self.pss_read_max_s = 0.0  # CPU time of the costliest PSS read of the whole tree
+        self.pss_every_s = SAMPLE_S
+        self._pss_at = 0.0  # monotonic time of the last PSS read
         self.limit_hit = False
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._window: tuple[float, dict[int, int]] | None = None
         self._start_kb = 0
+        self._pss_start_kb = 0
         self._thread.start()
 
     def _loop(self) -> None:
         n = 0
-        while not self._stop.wait(0.1):
+        while not self._stop.wait(SAMPLE_S):
             if n % 10 == 0:  # the tree changes rarely (dnsmasq, iperf): rescan once a second
                 self.tree = descendants(self.pid)
             n += 1
             self.sample()
 
-    def sample(self) -> int:
+    def sample(self, force_pss: bool = False) -> tuple[int, int]:
+        """(RSS, PSS) of the tree in KB; PSS is read again when it is due or `force_pss`, else
+        it is the last one read."""
         total = 0
         main = 0
-        for pid in self.tree:
+        tree = self.tree
+        for pid in tree:
             st = _stat(pid)
             if st is not None:
                 total += st[2]
                 if pid == self.pid:
                     main = st[2]
+        pss: int | None = None
+        took = 0.0
+        now = time.monotonic()
+        if force_pss or now - self._pss_at >= self.pss_every_s - SAMPLE_S / 2:
+            self._pss_at = now
+            cpu0 = time.thread_time()
+            pss = sum(p for pid in tree if (p := _pss(pid)) is not None)
+            took = time.thread_time() - cpu0
+            if took > PSS_SLOW_READ_S and self.pss_every_s < PSS_SLOW_S:
+                self.pss_every_s = PSS_SLOW_S
+                log(f"  a PSS read of the server's tree cost {took * 1000:.0f} ms of CPU: "
+                    f"PSS every {PSS_SLOW_S * 1000:.0f} ms from now on")
         with self._lock:
             self.rss_kb, self.rss_main_kb = total, main
             self.peak_kb = max(self.peak_kb, total)
+            if pss is not None:
+                self.pss_kb = pss
+                self.pss_peak_kb = max(self.pss_peak_kb, pss)
+                self.pss_read_max_s = max(self.pss_read_max_s, took)
+            pss = self.pss_kb
         if total > self.rss_limit_kb and not self.limit_hit and self.proc.poll() is None:
             self.limit_hit = True
             log(f"  server RSS {total // 1024} MB is over --rss-limit-mb: killing pid {self.pid}")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
-        return total
+        return total, pss
 
     def ticks(self) -> dict[int, int]:
         out = {}
@@ -216,9 +265,12 @@ class Monitor:
 
     def begin(self) -> None:
         self.tree = descendants(self.pid)
-        now = self.sample()
         with self._lock:
-            self.peak_kb = self._start_kb = now
+            self.pss_read_max_s = 0.0
+        rss, pss = self.sample(force_pss=True)
+        with self._lock:
+            self.peak_kb = self._start_kb = rss
+            self.pss_peak_kb = self._pss_start_kb = pss
         self._window = (time.monotonic(), self.ticks())
 
     def end(self) -> dict[str, Any]:
@@ -228,7 +280,7 @@ class Monitor:
         wall = max(time.monotonic() - start, 1e-6)
         tree = sum(t - before.get(pid, 0) for pid, t in after.items())
         main = after.get(self.pid, before.get(self.pid, 0)) - before.get(self.pid, 0)
-        self.sample()
+        self.sample(force_pss=True)
         with self._lock:
             return {
                 "cpu_pct": round(100.0 * tree / CLK_TCK / wall, 1),
@@ -237,6 +289,11 @@ class Monitor:
                 "rss_peak_kb": self.peak_kb,
                 "rss_end_kb": self.rss_kb,
                 "rss_main_end_kb": self.rss_main_kb,
+                "pss_start_kb": self._pss_start_kb,
+                "pss_peak_kb": self.pss_peak_kb,
+                "pss_end_kb": self.pss_kb,
+                "pss_every_ms": round(self.pss_every_s * 1000),
+                "pss_read_cpu_max_ms": round(self.pss_read_max_s * 1000, 2),
                 "wall_s": round(wall, 3),
                 "rss_limit_hit": self.limit_hit,
             }

@@ -57,17 +57,24 @@ def per_ms(getter: Getter) -> Getter:
 
 
 RSS_PEAK_MB = Metric("rss peak MB", srv("rss_peak_kb", 1 / 1024), "{:.0f}", False)
+PSS_PEAK_MB = Metric("pss peak MB", srv("pss_peak_kb", 1 / 1024), "{:.0f}", False)
 CPU_PCT = Metric("cpu %", srv("cpu_pct"), "{:.0f}", False)
 
 
-def _rss_growth_mb(run_result: dict[str, Any]) -> float | None:
-    server = run_result.get("server", {})
-    if "rss_peak_kb" not in server or "rss_start_kb" not in server:
-        return None
-    return float(server["rss_peak_kb"] - server["rss_start_kb"]) / 1024
+def growth_mb(prefix: str) -> Getter:
+    """Peak minus start of the tree's `prefix` (rss, pss) in MB; None for results without it
+    (PSS is missing from results made before it was measured)."""
+    def get(run_result: dict[str, Any]) -> float | None:
+        server = run_result.get("server", {})
+        peak, start = server.get(f"{prefix}_peak_kb"), server.get(f"{prefix}_start_kb")
+        if peak is None or start is None:
+            return None
+        return float(peak - start) / 1024
+    return get
 
 
-RSS_GROWTH_MB = Metric("rss growth MB", _rss_growth_mb, "{:.0f}", False)
+RSS_GROWTH_MB = Metric("rss growth MB", growth_mb("rss"), "{:.0f}", False)
+PSS_GROWTH_MB = Metric("pss growth MB", growth_mb("pss"), "{:.0f}", False)
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,7 @@ ROWS: tuple[Row, ...] = (
             Metric("delivered/s", lg("frames_per_s")),
             Metric("% of relay60", extra("pct_of_relay60"), "{:.1f}"),
             RSS_PEAK_MB,
+            PSS_PEAK_MB,
             Metric("p99 ms", per_ms(lg("latency_us", "p99")), "{:.1f}", False),
         ), traffic("overload", "--senders", "1", "--size", "60", "--duration", "5"), 60),
     Row("fair8", "traffic", "8 senders unpaced into one sink, 60-byte frames, 3 s",
@@ -126,6 +134,7 @@ ROWS: tuple[Row, ...] = (
             Metric("starved", lg("starved"), "{:.0f}", False),
             Metric("delivered/s", lg("frames_per_s")),
             RSS_PEAK_MB,
+            PSS_PEAK_MB,
         ), traffic("overload", "--senders", "8", "--size", "60", "--duration", "3"), 60),
     Row("fair8paced", "traffic", "8 senders paced at 10k frames/s each (80k/s) into one sink, 3 s",
         "Jain >= 0.9, none starved", (
@@ -134,12 +143,14 @@ ROWS: tuple[Row, ...] = (
             Metric("delivered/s", lg("frames_per_s")),
             Metric("p99 ms", per_ms(lg("latency_us", "p99")), "{:.1f}", False),
             RSS_PEAK_MB,
+            PSS_PEAK_MB,
         ), traffic("overload", "--senders", "8", "--rate", "10000", "--size", "60",
                    "--duration", "3"), 60),
     Row("slowreader", "traffic",
         "sender paced at 20k frames/s of 1514 B, sink reads 5k frames/s, 5 s",
         "RSS < 50 MB, p99 < 100 ms", (
             RSS_PEAK_MB,
+            PSS_PEAK_MB,
             Metric("p99 ms", per_ms(lg("latency_us", "p99")), "{:.1f}", False),
             Metric("delivered/s", lg("frames_per_s")),
         ), traffic("overload", "--senders", "1", "--rate", "20000", "--sink-rate", "5000",
@@ -155,6 +166,7 @@ ROWS: tuple[Row, ...] = (
         "<= 2.9 s, <= 86 KB/client, teardown <= 3 s", (
             Metric("connect s", per_ms(lg("upgrade_ms", "last")), "{:.2f}", False),
             Metric("KB/client", extra("rss_per_client_kb"), "{:.1f}", False),
+            Metric("pss KB/client", extra("pss_per_client_kb"), "{:.1f}", False),
             Metric("teardown s", extra("teardown_s"), "{:.2f}", False),
             Metric("upgraded", lg("upgraded")),
         ), ("--url", URL, "--clients", "1000", "--concurrency", "1", "--timeout", "60"), 200,
@@ -174,14 +186,15 @@ def stats(values: list[float]) -> dict[str, float] | None:
 
 
 def summarize(row: Row, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median/min/max per metric over the runs that worked; the server's CPU and RSS over every
-    run that has them (a server that crashed or was killed for its RSS still shows its peak)."""
+    """Median/min/max per metric over the runs that worked; the server's CPU, RSS and PSS over
+    every run that has them (a server that crashed or was killed for its RSS still shows its
+    peak)."""
     good = [r for r in runs if "error" not in r and "exception" not in r]
     summary: dict[str, Any] = {}
     for metric in row.metrics:
         values = [v for r in good if (v := metric.get(r)) is not None]
         summary[metric.label] = stats(values)
-    for metric in (CPU_PCT, RSS_PEAK_MB, RSS_GROWTH_MB):
+    for metric in (CPU_PCT, RSS_PEAK_MB, RSS_GROWTH_MB, PSS_PEAK_MB, PSS_GROWTH_MB):
         values = [v for r in runs if (v := metric.get(r)) is not None]
         summary[metric.label] = stats(values)
     summary["failed_runs"] = len(runs) - len(good)
@@ -208,11 +221,13 @@ def row_line(row: Row, summary: dict[str, Any], ref: dict[str, Any] | None) -> s
     for metric in row.metrics[1:]:
         m = summary.get(metric.label)
         others.append(f"{metric.label} {fmt_value(metric, m['median'] if m else None)}")
-    cpu, rss = summary.get(CPU_PCT.label), summary.get(RSS_PEAK_MB.label)
-    growth = summary.get(RSS_GROWTH_MB.label)
-    tail = (f"| cpu {fmt_value(CPU_PCT, cpu['median'] if cpu else None)}% "
-            f"rss {fmt_value(RSS_PEAK_MB, rss['median'] if rss else None)} MB "
-            f"(+{fmt_value(RSS_GROWTH_MB, growth['median'] if growth else None)})")
+
+    def median(metric: Metric) -> str:
+        m = summary.get(metric.label)
+        return fmt_value(metric, m["median"] if m else None)
+
+    tail = (f"| cpu {median(CPU_PCT)}% rss {median(RSS_PEAK_MB)} MB (+{median(RSS_GROWTH_MB)}) "
+            f"pss {median(PSS_PEAK_MB)} MB (+{median(PSS_GROWTH_MB)})")
     if summary.get("failed_runs"):
         tail += f" | {summary['failed_runs']} run(s) failed"
     line = f"{text} {'; '.join(others)} {tail}"

@@ -6,8 +6,8 @@
 Needs root (network namespaces, TAPs) and a C compiler. Each run of a row gets a fresh
 `wsnt-bench-*` namespace and a fresh server inside it (`ip netns exec`); the C load generator
 (bench/loadgen.c, compiled here) talks to it on 127.0.0.1:8086 inside that namespace. Server
-CPU and RSS are read from /proc for the server's process tree. Namespaces are deleted, and the
-processes in them stopped by PID, even on failure or Ctrl-C. See bench/README.md.
+CPU, RSS and PSS are read from /proc for the server's process tree. Namespaces are deleted, and
+the processes in them stopped by PID, even on failure or Ctrl-C. See bench/README.md.
 
 bench_procs.py holds the namespace/process/proc plumbing, bench_rows.py what each row measures.
 """
@@ -221,7 +221,7 @@ def _read_line(stream: Any, prefix: str, timeout: float) -> str | None:
 def run_connect(ctx: Context, row: Row, ns: str, server: Server) -> dict[str, Any]:
     base_links = link_count(server.pid)
     server.monitor.begin()
-    base_rss = server.monitor.sample()
+    base_rss, base_pss = server.monitor.sample(force_pss=True)
     proc = subprocess.Popen(
         ["ip", "netns", "exec", ns, str(ctx.bins["loadgen"]), "connect", *row.args,
          "--hold", "120", "--close-timeout", "90"],
@@ -236,11 +236,14 @@ def run_connect(ctx: Context, row: Row, ns: str, server: Server) -> dict[str, An
         clients = int(row.args[row.args.index("--clients") + 1])
         out["links_with_clients"] = link_count(server.pid) - base_links
         time.sleep(row.hold / 2)
-        held_rss = server.monitor.sample()
+        held_rss, held_pss = server.monitor.sample(force_pss=True)
         time.sleep(row.hold / 2)
-        held_rss = max(held_rss, server.monitor.sample())
+        rss, pss = server.monitor.sample(force_pss=True)
+        held_rss, held_pss = max(held_rss, rss), max(held_pss, pss)
         out["rss_base_kb"], out["rss_held_kb"] = base_rss, held_rss
         out["rss_per_client_kb"] = round((held_rss - base_rss) / clients, 2)
+        out["pss_base_kb"], out["pss_held_kb"] = base_pss, held_pss
+        out["pss_per_client_kb"] = round((held_pss - base_pss) / clients, 2)
         # Teardown: from "close" until the server's namespace is back to its own interfaces.
         t0 = time.monotonic()
         proc.stdin.write("close\n")
@@ -480,9 +483,10 @@ def print_report(rows: list[Row], results: dict[str, Any], reference: dict[str, 
                  json_path: Path) -> None:
     meta = results["meta"]
     print(f"\nwsnic bench {meta['date']}  server: {shlex.join(meta['server_argv'])}")
-    print(f"{meta['runs']} run(s) per row, median [min .. max]; cpu/rss of the server's process "
-          f"tree, rss (+growth during the row); {meta['cpus']} CPUs, kernel {meta['kernel']}, "
-          f"{meta.get('elapsed_s')} s; CPUs {meta['cpu_busy_before_pct']:.0f} % busy before\n")
+    print(f"{meta['runs']} run(s) per row, median [min .. max]; cpu/rss/pss of the server's "
+          f"process tree, rss and pss peak (+growth during the row); {meta['cpus']} CPUs, kernel "
+          f"{meta['kernel']}, {meta.get('elapsed_s')} s; CPUs "
+          f"{meta['cpu_busy_before_pct']:.0f} % busy before\n")
     for row in rows:
         if row.name not in results["summary"]:
             continue
