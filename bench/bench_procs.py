@@ -24,8 +24,9 @@ WS_PORT = 8086
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 SAMPLE_S = 0.1  # CPU/RSS sampling period
-PSS_SLOW_S = 0.5  # PSS period once one PSS read of the tree cost more than PSS_SLOW_READ_S
-PSS_SLOW_READ_S = 0.02  # CPU time of the reading thread (waiting for a busy CPU does not count)
+# PSS sampling period: a PSS read takes the server's memory-map locks and walks its page
+# tables; every 100 ms it cost relay60 about 10 % of its frames/s. Memory moves slowly.
+PSS_EVERY_S = 1.0
 
 
 class BenchError(Exception):
@@ -175,8 +176,7 @@ def link_count(pid: int) -> int:
 
 class Monitor:
     """Samples the server's process tree: CPU ticks per window, RSS (peak) every 100 ms, and PSS
-    (peak) every 100 ms too, or every 500 ms once one PSS read of the whole tree cost over 20 ms
-    of CPU (smaps_rollup walks every mapping of a process, stat does not).
+    (peak) every second (smaps_rollup walks every mapping of a process, stat does not).
 
     RSS sums each process's resident pages, so pages shared by several processes of the tree
     (libpython, libc, ...) count once per process; PSS divides each shared page among the
@@ -197,7 +197,7 @@ class Monitor:
         self.pss_kb = 0
         self.pss_peak_kb = 0
         self.pss_read_max_s = 0.0  # CPU time of the costliest PSS read of the whole tree
-        self.pss_every_s = SAMPLE_S
+        self.pss_every_s = PSS_EVERY_S
         self._pss_at = 0.0  # monotonic time of the last PSS read
         self.limit_hit = False
         self._stop = threading.Event()
@@ -236,10 +236,6 @@ class Monitor:
             cpu0 = time.thread_time()
             pss = sum(p for pid in tree if (p := _pss(pid)) is not None)
             took = time.thread_time() - cpu0
-            if took > PSS_SLOW_READ_S and self.pss_every_s < PSS_SLOW_S:
-                self.pss_every_s = PSS_SLOW_S
-                log(f"  a PSS read of the server's tree cost {took * 1000:.0f} ms of CPU: "
-                    f"PSS every {PSS_SLOW_S * 1000:.0f} ms from now on")
         with self._lock:
             self.rss_kb, self.rss_main_kb = total, main
             self.peak_kb = max(self.peak_kb, total)
