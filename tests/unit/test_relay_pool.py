@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from wsnic.config.models import Profile
+from wsnic.relay.fairness import FairShareBoard
 from wsnic.relay.pool import MAX_QUEUED, REPORT_MAX, WorkerPool, _Worker, raise_fd_limit
 from wsnic.relay.settings import RelaySettings
 
@@ -223,7 +224,11 @@ def test_a_dead_worker_leaves_its_queue_to_the_others_and_a_live_one_is_killed(
 @contextlib.contextmanager
 def worker_process(**server: object) -> Iterator[_Worker]:
     pool = WorkerPool(RelaySettings.from_profile(profile(**server)), "iproute2", 1)
-    worker = pool._spawn(0)
+    board = FairShareBoard.create_shared(1)
+    try:
+        worker = pool._spawn(0, board)
+    finally:
+        os.close(board)
     try:
         worker.channel.settimeout(TIMEOUT)
         assert worker.channel.recv(1) == b"R"
@@ -363,6 +368,7 @@ def test_a_worker_raises_its_open_file_limit() -> None:
 ACCEPTOR = """
 import asyncio, sys
 from wsnic.config.models import Profile
+from wsnic.relay.fairness import FairShareBoard
 from wsnic.relay.pool import WorkerPool
 from wsnic.relay.settings import RelaySettings
 

@@ -31,6 +31,7 @@ class Drop(StrEnum):
     BAD_SOURCE = "bad_source"  # source MAC multicast/broadcast or all zero
     TAP_FULL = "tap_full"  # the TAP could not take the write (EAGAIN/ENOBUFS/EIO)
     CLIENT_SLOW = "client_slow"  # the client's send buffer was over its bound
+    POLICED = "policed"  # over its fair share towards a destination that backs up
 
 
 def check_frame(frame: bytes | bytearray | memoryview, max_size: int) -> Drop | None:

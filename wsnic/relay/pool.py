@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wsnic.errors import BackendError
+from wsnic.relay.fairness import FairShareBoard
 from wsnic.relay.settings import RelaySettings
 
 log = logging.getLogger("wsnic.relay")
@@ -104,8 +105,14 @@ class WorkerPool:
         """Start the workers, wait until each is ready, then listen."""
         self._loop = asyncio.get_running_loop()
         log.debug("acceptor open-file limit: %d", raise_fd_limit())  # queued clients hold fds
-        for index in range(self.count):
-            self.workers.append(self._spawn(index))
+        # One memory file for every worker's fair shares (wsnic.relay.fairness); the workers
+        # map it, the acceptor needs no copy.
+        board = FairShareBoard.create_shared(self.count)
+        try:
+            for index in range(self.count):
+                self.workers.append(self._spawn(index, board))
+        finally:
+            os.close(board)
         await self._wait_ready()
         for worker in self.workers:
             self._watch(worker)
@@ -116,20 +123,21 @@ class WorkerPool:
         log.info("relay runs in %d worker processes (pids %s)", self.count,
                  ", ".join(str(w.proc.pid) for w in self.workers))
 
-    def _spawn(self, index: int) -> _Worker:
+    def _spawn(self, index: int, board: int) -> _Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         settings = {
             "relay": self.settings.to_json(),
             "link": self.link,
             "index": index,
             "channel": theirs.fileno(),
+            "board": {"fd": board, "slot": index, "slots": self.count},
             "parent": os.getpid(),
             "log_level": logging.getLogger().getEffectiveLevel(),
         }
         proc = subprocess.Popen(
             [sys.executable, "-P", "-c", _WORKER_MAIN],
             stdin=subprocess.PIPE,
-            pass_fds=[theirs.fileno()],
+            pass_fds=[theirs.fileno(), board],
             # Own process group: a terminal's Ctrl-C during start-up does not kill it; the
             # acceptor sends SIGTERM itself.
             process_group=0,

@@ -9,7 +9,8 @@ ServerProtocol. The hot paths do no per-frame await or task:
   queue would, so memory per client stays bounded. Reading from that client pauses too: what it
   sends may call for answers (a pong for every ping) that it does not read either.
 * client -> TAP: every binary message is written with one os.write; a TAP that cannot take it
-  (EAGAIN/ENOBUFS) drops the frame.
+  (EAGAIN/ENOBUFS) drops the frame. Towards a client whose TAP queue backs up, each sender gets
+  a fair share and what is over it is dropped first (`wsnic.relay.fairness`).
 
 One periodic timer serves every connection: handshake deadline, idle pings and timeouts, and the
 grace period of connections that are closing.
@@ -41,6 +42,8 @@ from websockets.typing import Subprotocol
 
 from wsnic.errors import BackendError, ConfigError
 from wsnic.relay import http as answers
+from wsnic.relay.fairness import OBSERVE_FRAMES, FairShareBoard, SinkShare, TapDrops, TokenBucket
+from wsnic.relay.fairness import TICK as FAIR_TICK
 from wsnic.relay.frames import Drop, is_fast_binary, split_client_frames, ws_binary_header
 from wsnic.relay.session import OP_BINARY, Counters, IdleAction, Phase, Policy, Session
 from wsnic.relay.settings import RelaySettings
@@ -158,6 +161,10 @@ class _Connection(asyncio.Protocol):
         self.clean_boundary = False
         self.inbuf = b""
         self.max_frame = server.policy.max_frame_size
+        self.share: SinkShare | None = None  # set while this client's TAP queue backs up
+        self.tap_drops: TapDrops | None = None  # the kernel's drop count at the TAP, with share
+        self.kernel_drops = 0  # its value at the last fairness tick
+        self.buckets: dict[bytes, TokenBucket] | None = None  # per policed destination
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -230,6 +237,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._release_tap()
         self.server.connections.discard(self)
+        self.server.policing.discard(self)
         session = self.session
         if not self.reason:
             self.reason = f"connection lost: {exc}" if exc else "connection closed"
@@ -295,6 +303,9 @@ class _Connection(asyncio.Protocol):
         fd = self.tap_fd
         if fd is None:
             return  # closing: the client's last words have nowhere to go
+        if self.server.limits and not self._within_share(frame):
+            self.session.drop(Drop.POLICED)
+            return
         try:
             os.write(fd, frame)
         except OSError as exc:
@@ -306,6 +317,23 @@ class _Connection(asyncio.Protocol):
         counters = self.session.counters
         counters.frames_in += 1
         counters.bytes_in += len(frame)
+
+    def _within_share(self, frame: Any) -> bool:
+        """False when `frame` goes to a destination that backs up and this client is over its
+        share towards it (see wsnic.relay.fairness)."""
+        destination = bytes(frame[:6])
+        rate = self.server.limits.get(destination)
+        if rate is None:
+            return True
+        now = self.session.last_heard  # set when these frames arrived
+        buckets = self.buckets
+        if buckets is None:
+            buckets = self.buckets = {}
+            self.server.policing.add(self)
+        bucket = buckets.get(destination)
+        if bucket is None:
+            bucket = buckets[destination] = TokenBucket(rate, now)
+        return bucket.admit(rate, now)
 
     def _flush(self) -> None:
         """Send what the protocol produced; an empty chunk means: close the connection."""
@@ -456,6 +484,7 @@ class _Connection(asyncio.Protocol):
         read = os.read
         limit = self.max_frame
         most = TAP_READ
+        backlog = False
         try:
             for _ in range(READ_BATCH):
                 frame = read(fd, most)
@@ -469,11 +498,20 @@ class _Connection(asyncio.Protocol):
                 out.append(ws_binary_header(size))
                 out.append(frame)
                 nbytes += size
+            backlog = True  # READ_BATCH frames and no end in sight: the TAP queue backs up
         except BlockingIOError:
             pass
         except OSError as exc:
             self.close(f"reading {self.session.tap} failed: {exc.strerror}")
             return
+        share = self.share
+        if backlog and share is None:
+            self._watch_share()
+            share = self.share
+        if share is not None:
+            share.drained += len(out) // 2
+            if share.observing:
+                share.observe(out[1 : 2 * OBSERVE_FRAMES : 2])
         counters = self.session.counters
         if out:
             transport.writelines(out)
@@ -483,6 +521,21 @@ class _Connection(asyncio.Protocol):
             counters.drops[Drop.CLIENT_SLOW] += dropped
         if oversized:
             counters.drops[Drop.OVERSIZED] += oversized
+
+    def _watch_share(self) -> None:
+        """The TAP queue backs up: watch whether the kernel drops, and which senders fill it."""
+        if self.tap_drops is None:
+            self.tap_drops = TapDrops(self.session.tap)
+        dropped = self.tap_drops.read()
+        if dropped is None:
+            return  # no counter to go by: nothing to police with
+        self.kernel_drops = dropped
+        self.share = SinkShare()
+        self.server.sharing.add(self)
+
+    def _end_share(self) -> None:
+        self.share = None
+        self.server.sharing.discard(self)
 
     def _release_tap(self) -> None:
         """Stop relaying and close the TAP (the kernel removes it with the fd).
@@ -494,6 +547,9 @@ class _Connection(asyncio.Protocol):
         if fd is None or self.attaching:
             return
         self.tap_fd = None
+        if self.tap_drops is not None:
+            self.tap_drops.close()
+            self.tap_drops = None
         self.server.tap_holders -= 1
         self.loop.remove_reader(fd)
         self.server.retire(fd, self.session.tap)
@@ -562,8 +618,18 @@ class RelayServer:
     def __init__(self, settings: RelaySettings, attach_port: AttachPort, *,
                  tap_opener: TapOpener = open_tap,
                  on_connection_closed: Callable[[], None] | None = None,
-                 release_ports: ReleasePorts | None = None) -> None:
+                 release_ports: ReleasePorts | None = None,
+                 board: FairShareBoard | None = None) -> None:
         self.settings = settings
+        # Fair shares towards clients whose TAP queue backs up: shared with the other relay
+        # workers through `board`; `limits` is what every process published, read each tick.
+        self.board = board if board is not None else FairShareBoard.private()
+        self.limits: dict[bytes, float] = {}
+        self.sharing: set[_Connection] = set()  # clients whose TAP backs up (SinkShare)
+        self.policing: set[_Connection] = set()  # clients with a token bucket
+        self._published = False
+        self._fair_timer: asyncio.TimerHandle | None = None
+        self._fair_stamp = 0.0
         # Deletes departing TAPs in one batch (see LinkBackend.release_ports); without it each
         # TAP goes when its fd is closed, which costs the kernel ~20 ms apiece.
         self.release_ports = release_ports
@@ -717,6 +783,8 @@ class RelayServer:
             await self.stop()
             raise
         self._timer = self.loop.call_later(self.tick_interval, self._tick)
+        self._fair_stamp = self.loop.time()
+        self._fair_timer = self.loop.call_later(FAIR_TICK, self._fair_tick)
         for net in self.settings.networks:
             log.info("network %s: path %s -> bridge %s", net.name, net.path, net.bridge)
 
@@ -755,6 +823,45 @@ class RelayServer:
                 conn.abort("internal error")
         self._timer = self.loop.call_later(self.tick_interval, self._tick)
 
+    def _fair_tick(self) -> None:
+        """Turn what the backed-up TAPs saw into per-sender rates, publish them, and take
+        everybody's (see wsnic.relay.fairness)."""
+        now = self.loop.time()
+        seconds, self._fair_stamp = now - self._fair_stamp, now
+        published: dict[bytes, float] = {}
+        for conn in list(self.sharing):
+            share = conn.share
+            total = conn.tap_drops.read() if conn.tap_drops is not None else None
+            if share is None or total is None:
+                conn._end_share()
+                continue
+            was = share.rate
+            watching = share.tick(seconds, total - conn.kernel_drops)
+            conn.kernel_drops = total
+            rate = share.rate
+            if was is not None and rate is None:
+                log.info("%s: its TAP keeps up again; senders towards it are no longer "
+                         "limited", conn.session.peer)
+            if not watching:
+                conn._end_share()
+            if rate is None:
+                continue
+            if was is None:
+                log.info("%s: its TAP backs up; each of %d senders towards it is limited to its "
+                         "share, %.0f frames/s", conn.session.peer, len(share.sources), rate)
+            for mac in share.destinations:
+                published[mac] = min(rate, published.get(mac, rate))
+        if published or self._published:
+            self.board.publish(published)
+            self._published = bool(published)
+        limits = self.board.limits()
+        if limits.keys() != self.limits.keys():
+            for conn in self.policing:
+                conn.buckets = None
+            self.policing.clear()
+        self.limits = limits
+        self._fair_timer = self.loop.call_later(FAIR_TICK, self._fair_tick)
+
     async def stop(self) -> None:
         """Stop listening and close every client; every TAP is gone when this returns."""
         if self.stopping:
@@ -764,6 +871,10 @@ class RelayServer:
             return
         if self._timer is not None:
             self._timer.cancel()
+        if self._fair_timer is not None:
+            self._fair_timer.cancel()
+        if self._published:
+            self.board.publish({})
         for server in self._servers:
             server.close()
         for conn in list(self.connections):

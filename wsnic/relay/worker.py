@@ -30,6 +30,7 @@ from typing import Any
 
 from wsnic.backends.select import link_backend
 from wsnic.logs import setup_logging
+from wsnic.relay.fairness import FairShareBoard
 from wsnic.relay.pool import REPORT_MAX, raise_fd_limit
 from wsnic.relay.server import RelayServer
 from wsnic.relay.settings import RelaySettings
@@ -150,14 +151,14 @@ class HandOvers:
 
 
 async def _serve(relay_settings: RelaySettings, link: str, channel: socket.socket,
-                 index: int) -> None:
+                 index: int, board: FairShareBoard) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     backend = link_backend(link)  # type: ignore[arg-type]
     reports = CloseReports(loop, channel, stop.set)
     relay = RelayServer(relay_settings, backend.attach_port, on_connection_closed=reports.closed,
-                        release_ports=backend.release_ports)
+                        release_ports=backend.release_ports, board=board)
     await relay.start(listen=False)
 
     def gone() -> None:
@@ -188,7 +189,10 @@ def main() -> int:
     log.debug("relay worker %s: open-file limit %d", settings["index"], raise_fd_limit())
     relay_settings = RelaySettings.from_json(settings["relay"])
     channel = socket.socket(fileno=int(settings["channel"]))
-    asyncio.run(_serve(relay_settings, str(settings["link"]), channel, int(settings["index"])))
+    shared = settings["board"]
+    board = FairShareBoard.attach(int(shared["fd"]), int(shared["slot"]), int(shared["slots"]))
+    asyncio.run(_serve(relay_settings, str(settings["link"]), channel, int(settings["index"]),
+                       board))
     return 0
 
 
