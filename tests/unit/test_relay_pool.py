@@ -38,6 +38,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def NO_LINKS(tap: str, bridge: str) -> None:
+    raise AssertionError(f"no TAP is attached in these tests ({tap} -> {bridge})")
+
+
+def NO_RELEASE(taps: list[str]) -> None:
+    raise AssertionError(f"no TAP is released in these tests ({taps})")
+
+
 def profile(**server: object) -> Profile:
     return Profile.model_validate({"server": {"ws_port": free_port(), **server}})
 
@@ -82,8 +90,8 @@ class StandIn:
 
 @contextlib.contextmanager
 def stand_in_pool(count: int, **server: object) -> Iterator[tuple[WorkerPool, list[StandIn]]]:
-    pool = WorkerPool(RelaySettings.from_profile(profile(max_clients=65536, **server)), "iproute2",
-                      count)
+    pool = WorkerPool(RelaySettings.from_profile(profile(max_clients=65536, **server)),
+                      NO_LINKS, NO_RELEASE, count)
     pool._loop = asyncio.get_running_loop()
     stand_ins: list[StandIn] = []
     try:
@@ -92,7 +100,8 @@ def stand_in_pool(count: int, **server: object) -> Iterator[tuple[WorkerPool, li
             ours.setblocking(False)
             theirs.setblocking(False)
             stand_ins.append(StandIn(theirs))
-            worker = _Worker(index, subprocess.Popen(["sleep", "60"]), ours)
+            links = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # never used
+            worker = _Worker(index, subprocess.Popen(["sleep", "60"]), ours, links)
             pool.workers.append(worker)
             pool._watch(worker)
         yield pool, stand_ins
@@ -113,6 +122,7 @@ def stand_in_pool(count: int, **server: object) -> Iterator[tuple[WorkerPool, li
             while worker.queue:
                 worker.queue.popleft()[1].close()
             worker.channel.close()
+            worker.links.close()
 
 
 async def until(check: object, what: str, timeout: float = TIMEOUT) -> None:
@@ -223,7 +233,7 @@ def test_a_dead_worker_leaves_its_queue_to_the_others_and_a_live_one_is_killed(
 
 @contextlib.contextmanager
 def worker_process(**server: object) -> Iterator[_Worker]:
-    pool = WorkerPool(RelaySettings.from_profile(profile(**server)), "iproute2", 1)
+    pool = WorkerPool(RelaySettings.from_profile(profile(**server)), NO_LINKS, NO_RELEASE, 1)
     board = FairShareBoard.create_shared(1)
     try:
         worker = pool._spawn(0, board)
@@ -242,6 +252,7 @@ def worker_process(**server: object) -> Iterator[_Worker]:
                 worker.proc.kill()
                 worker.proc.wait()
         worker.channel.close()
+        worker.links.close()
 
 
 def hand_over(worker: _Worker, sock: socket.socket) -> None:
@@ -283,7 +294,7 @@ def test_stopped_workers_serve_a_burst_once_they_continue() -> None:
     need_fds(3 * count)
 
     async def main() -> None:
-        pool = WorkerPool(RelaySettings.from_profile(profile()), "iproute2", 2)
+        pool = WorkerPool(RelaySettings.from_profile(profile()), NO_LINKS, NO_RELEASE, 2)
         await pool.start()
         clients: list[socket.socket] = []
         try:
@@ -368,13 +379,15 @@ def test_a_worker_raises_its_open_file_limit() -> None:
 ACCEPTOR = """
 import asyncio, sys
 from wsnic.config.models import Profile
-from wsnic.relay.fairness import FairShareBoard
 from wsnic.relay.pool import WorkerPool
 from wsnic.relay.settings import RelaySettings
 
+def no_links(*args):
+    raise AssertionError("no TAP is attached here")
+
 async def main():
     profile = Profile.model_validate({"server": {"ws_port": int(sys.argv[1])}})
-    pool = WorkerPool(RelaySettings.from_profile(profile), "iproute2", 1)
+    pool = WorkerPool(RelaySettings.from_profile(profile), no_links, no_links, 1)
     await pool.start()
     print(pool.workers[0].proc.pid, flush=True)
     await asyncio.sleep(60)

@@ -51,7 +51,8 @@ async def _serve(profile: Profile, backends: Backends, journal: Journal) -> None
     settings = RelaySettings.from_profile(profile)
     relay: WorkerPool | RelayServer
     if workers > 1:
-        relay = WorkerPool(settings, backends.link.name, workers)
+        relay = WorkerPool(settings, backends.link.attach_port, backends.link.release_ports,
+                           workers)
         failed = relay.failed
     else:
         relay = RelayServer(settings, backends.link.attach_port,

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from wsnic.errors import BackendError
 from wsnic.relay.fairness import FairShareBoard
+from wsnic.relay.links import AttachPort, LinkServer, ReleasePorts
 from wsnic.relay.settings import RelaySettings
 
 log = logging.getLogger("wsnic.relay")
@@ -71,6 +72,7 @@ class _Worker:
     index: int
     proc: subprocess.Popen[bytes]
     channel: socket.socket
+    links: socket.socket  # its link requests (wsnic.relay.links)
     active: int = 0  # connections handed over or queued, and not yet reported ended
     alive: bool = True
     # (kind, connection) waiting for room in the channel, oldest first
@@ -78,9 +80,11 @@ class _Worker:
 
 
 class WorkerPool:
-    def __init__(self, settings: RelaySettings, link: str, count: int) -> None:
+    def __init__(self, settings: RelaySettings, attach_port: AttachPort,
+                 release_ports: ReleasePorts, count: int) -> None:
         self.settings = settings
-        self.link = link
+        # The workers' TAP ports are attached and released here, by the link backend.
+        self.links = LinkServer(attach_port, release_ports)
         self.count = count
         self.workers: list[_Worker] = []
         self._listeners: list[tuple[socket.socket, bool]] = []
@@ -113,6 +117,8 @@ class WorkerPool:
                 self.workers.append(self._spawn(index, board))
         finally:
             os.close(board)
+        for worker in self.workers:
+            self.links.serve(self._loop, worker.links, f"relay worker {worker.index}")
         await self._wait_ready()
         for worker in self.workers:
             self._watch(worker)
@@ -125,11 +131,12 @@ class WorkerPool:
 
     def _spawn(self, index: int, board: int) -> _Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        links, their_links = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         settings = {
             "relay": self.settings.to_json(),
-            "link": self.link,
             "index": index,
             "channel": theirs.fileno(),
+            "links": their_links.fileno(),
             "board": {"fd": board, "slot": index, "slots": self.count},
             "parent": os.getpid(),
             "log_level": logging.getLogger().getEffectiveLevel(),
@@ -137,7 +144,7 @@ class WorkerPool:
         proc = subprocess.Popen(
             [sys.executable, "-P", "-c", _WORKER_MAIN],
             stdin=subprocess.PIPE,
-            pass_fds=[theirs.fileno(), board],
+            pass_fds=[theirs.fileno(), their_links.fileno(), board],
             # Own process group: a terminal's Ctrl-C during start-up does not kill it; the
             # acceptor sends SIGTERM itself.
             process_group=0,
@@ -146,7 +153,8 @@ class WorkerPool:
         proc.stdin.write(json.dumps(settings).encode())
         proc.stdin.close()
         theirs.close()
-        return _Worker(index, proc, ours)
+        their_links.close()
+        return _Worker(index, proc, ours, links)
 
     async def _wait_ready(self) -> None:
         deadline = time.monotonic() + READY_WAIT
@@ -219,6 +227,8 @@ class WorkerPool:
                 worker.proc.kill()
                 worker.proc.wait()
             worker.channel.close()
+        if self._loop is not None:
+            self.links.close(self._loop)  # after the workers: they release their TAPs here
 
     # --- accepting ----------------------------------------------------------------------------
 

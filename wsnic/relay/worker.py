@@ -1,7 +1,9 @@
 """A relay worker process: serves the connections its acceptor hands over, each with its own TAP.
 
 Started by `wsnic.relay.pool.WorkerPool` (`python -P`, then `main()`), with its settings as JSON
-on stdin and one end of a SOCK_SEQPACKET socket pair (the channel) as an inherited fd:
+on stdin; it inherits the memory file of the fair-share board (wsnic.relay.fairness), one end of
+a SOCK_SEQPACKET pair for its link requests (wsnic.relay.links: the main process attaches and
+releases its TAPs) and one end of another (the channel):
 
     acceptor -> worker   b"P" / b"T" + one fd: a plain / TLS connection to serve
                          b"p" / b"t" + one fd: the same, but the server is full: answer 503
@@ -28,9 +30,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from wsnic.backends.select import link_backend
 from wsnic.logs import setup_logging
 from wsnic.relay.fairness import FairShareBoard
+from wsnic.relay.links import LinkClient
 from wsnic.relay.pool import REPORT_MAX, raise_fd_limit
 from wsnic.relay.server import RelayServer
 from wsnic.relay.settings import RelaySettings
@@ -150,15 +152,14 @@ class HandOvers:
                             "open-file limit", dropped)
 
 
-async def _serve(relay_settings: RelaySettings, link: str, channel: socket.socket,
+async def _serve(relay_settings: RelaySettings, links: LinkClient, channel: socket.socket,
                  index: int, board: FairShareBoard) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    backend = link_backend(link)  # type: ignore[arg-type]
     reports = CloseReports(loop, channel, stop.set)
-    relay = RelayServer(relay_settings, backend.attach_port, on_connection_closed=reports.closed,
-                        release_ports=backend.release_ports, board=board)
+    relay = RelayServer(relay_settings, links.attach_port, on_connection_closed=reports.closed,
+                        release_ports=links.release_ports, board=board)
     await relay.start(listen=False)
 
     def gone() -> None:
@@ -176,7 +177,7 @@ async def _serve(relay_settings: RelaySettings, link: str, channel: socket.socke
     finally:
         loop.remove_reader(channel.fileno())
         await relay.stop()
-        backend.close()
+        links.close()
 
 
 def main() -> int:
@@ -191,8 +192,8 @@ def main() -> int:
     channel = socket.socket(fileno=int(settings["channel"]))
     shared = settings["board"]
     board = FairShareBoard.attach(int(shared["fd"]), int(shared["slot"]), int(shared["slots"]))
-    asyncio.run(_serve(relay_settings, str(settings["link"]), channel, int(settings["index"]),
-                       board))
+    links = LinkClient(socket.socket(fileno=int(settings["links"])))
+    asyncio.run(_serve(relay_settings, links, channel, int(settings["index"]), board))
     return 0
 
 
