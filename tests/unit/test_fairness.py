@@ -9,6 +9,7 @@ import pytest
 from wsnic.relay.fairness import (
     DECREASE,
     INCREASE,
+    MIN_BURST,
     MIN_RATE,
     QUIET_TICKS,
     SENDER_MEMORY,
@@ -138,9 +139,11 @@ def test_the_limit_never_shuts_a_sender_out() -> None:
 
 
 def test_a_token_bucket_admits_its_rate_after_its_burst() -> None:
+    bucket = TokenBucket(10_000.0, now=0.0)
+    burst = sum(bucket.admit(10_000.0, 0.0) for _ in range(1000))
+    assert burst == 50  # BURST_SECONDS (0.005) of 10k frames/s
     bucket = TokenBucket(1000.0, now=0.0)
-    burst = sum(bucket.admit(1000.0, 0.0) for _ in range(1000))
-    assert burst == 20  # BURST_SECONDS (0.02) of 1000 frames/s
+    assert sum(bucket.admit(1000.0, 0.0) for _ in range(1000)) == MIN_BURST
     admitted = 0
     for step in range(1, 1001):  # one second, 100 frames offered every millisecond
         admitted += sum(bucket.admit(1000.0, step / 1000) for _ in range(100))

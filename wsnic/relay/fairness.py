@@ -45,7 +45,9 @@ SENDER_MEMORY = 10  # ticks a source MAC counts as a sender after its last frame
 # to see every sender within SENDER_MEMORY, and no per-frame cost while nothing is lost.
 OBSERVE_FRAMES = 64
 MIN_RATE = 50.0  # frames/s: a sender is never shut out
-BURST_SECONDS = 0.02  # a bucket holds this many seconds of its rate (a 32 KiB read's worth)
+# A bucket holds this many seconds of its rate: a few reads' worth, and small enough that the
+# senders' bursts together fit the TAP queue (1000 frames) instead of overflowing it again.
+BURST_SECONDS = 0.005
 MIN_BURST = 16.0
 
 _HEADER = struct.Struct("=II")  # sequence (odd while the slot is being written), entries
