@@ -1,5 +1,5 @@
-"""The relay in the main process and worker processes: connections spread over cores, the
-server-wide client limit, and what happens when workers die."""
+"""The relay in worker processes: connections spread over cores, the server-wide client limit,
+and what happens when workers die."""
 
 from __future__ import annotations
 
@@ -45,15 +45,15 @@ def connect_in(ns: str, url: str):
 def test_clients_are_spread_over_the_workers_and_talk_across_them(host, tmp_path):
     before = snapshot(host)
     with wsnic_running(host, ["apply", write_profile(tmp_path)], READY) as wsnic:
-        assert len(worker_pids(wsnic)) == 1  # and the main process: two relays
+        assert len(worker_pids(wsnic)) == 2
         url = "ws://127.0.0.1:8086/"
         with guest(host, url, "wa") as a, guest(host, url, "wb") as b:
             ip_a, ip_b = udhcpc(a.ns)[0], udhcpc(b.ns)[0]
             assert ping(a.ns, ip_b.split("/")[0]) and ping(b.ns, ip_a.split("/")[0])
-            wsnic.wait_for("[w1]: ")
+            wsnic.wait_for("[w0]: ")
             connected = [line for line in wsnic.lines if " connected on /" in line]
+            assert any("[w0]" in line for line in connected), wsnic.output()
             assert any("[w1]" in line for line in connected), wsnic.output()
-            assert any("[w" not in line for line in connected), wsnic.output()  # the main one
         wsnic.signal(signal.SIGTERM)
         assert wsnic.finish() == 0, wsnic.output()
     assert snapshot(host) == before
@@ -82,21 +82,17 @@ def test_the_client_limit_holds_across_workers(host, tmp_path):
 
 def test_a_dead_worker_is_reported_and_the_others_keep_serving(host, tmp_path):
     before = snapshot(host)
-    proc = WsnicProcess(host, ["apply", write_profile(tmp_path, workers=3)])
+    proc = WsnicProcess(host, ["apply", write_profile(tmp_path)])
     try:
         proc.wait_for(READY)
         first, second = worker_pids(proc)
         os.kill(first, signal.SIGKILL)
-        proc.wait_for(f"relay worker 1 (pid {first}) is gone")
+        proc.wait_for(f"relay worker 0 (pid {first}) is gone")
         with guest(host, "ws://127.0.0.1:8086/", "wc") as g:
             assert udhcpc(g.ns) and ping(g.ns, "192.168.86.1")
         os.kill(second, signal.SIGKILL)
-        proc.wait_for(f"relay worker 2 (pid {second}) is gone")
-        # The main process relays on alone.
-        with guest(host, "ws://127.0.0.1:8086/", "wd") as g:
-            assert udhcpc(g.ns) and ping(g.ns, "192.168.86.1")
-        proc.signal(signal.SIGTERM)
-        assert proc.finish() == 0
+        proc.wait_for("every relay worker has died")
+        assert proc.finish() == 1  # an error, but the host was restored first
     finally:
         if proc.proc.poll() is None:
             proc.kill()

@@ -236,7 +236,7 @@ def worker_process(**server: object) -> Iterator[_Worker]:
     pool = WorkerPool(RelaySettings.from_profile(profile(**server)), NO_LINKS, NO_RELEASE, 1)
     board = FairShareBoard.create_shared(1)
     try:
-        worker = pool._spawn(0, board, 1)
+        worker = pool._spawn(0, board)
     finally:
         os.close(board)
     try:

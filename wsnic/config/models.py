@@ -104,7 +104,7 @@ class Server(_Frozen):
     tap_name: TapPattern = Field(default=DEFAULT_TAP_PATTERN, description="TAP name pattern")
     workers: int = Field(
         default=0, ge=0, le=64,
-        description="Relay processes, the main one included; 0 means one per CPU core",
+        description="Relay processes; 0 means one per CPU core, 1 relays in the main process",
     )
     trust_proxy: bool = Field(
         default=False, description="Log the client address from X-Forwarded-For"

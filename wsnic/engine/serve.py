@@ -51,9 +51,8 @@ async def _serve(profile: Profile, backends: Backends, journal: Journal) -> None
     settings = RelaySettings.from_profile(profile)
     relay: WorkerPool | RelayServer
     if workers > 1:
-        # This process relays too: it is one of the `workers` relay processes.
         relay = WorkerPool(settings, backends.link.attach_port, backends.link.release_ports,
-                           workers - 1, serve_here=True)
+                           workers)
         failed = relay.failed
     else:
         relay = RelayServer(settings, backends.link.attach_port,

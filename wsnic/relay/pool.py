@@ -1,13 +1,11 @@
 """More than one core: an acceptor in the main process hands connections to worker processes.
 
 The acceptor only accepts: it never reads a byte, so a burst of connections is taken off the
-listen queue at once (the backlog is large) and spread over the relays, the least busy first
-(round-robin among equals, so a client pair lands on two cores). Each worker process relays its
-clients (`wsnic.relay.worker`); with `serve_here` the main process relays too, as one of them
-(it holds the planner and the backends anyway: a worker process less is ~27 MB less). The
-acceptor counts the connections it handed out until their relay reports them ended; at
-`max_clients` it still hands the connection over, marked "full", so that the relay answers HTTP
-503 in the client's own protocol (plain or TLS).
+listen queue at once (the backlog is large) and spread over the workers, the least busy first
+(round-robin among equals, so a client pair lands on two cores). Each worker relays its clients
+(`wsnic.relay.worker`). The acceptor counts the connections it handed out until their worker
+reports them ended; at `max_clients` it still hands the connection over, marked "full", so that
+the worker answers HTTP 503 in the client's own protocol (plain or TLS).
 
 A channel holds only a few hundred messages. When a worker's channel is full (the worker is busy)
 its hand-overs wait in a queue that a writer callback flushes; past MAX_QUEUED waiting in all,
@@ -37,7 +35,6 @@ from pathlib import Path
 from wsnic.errors import BackendError
 from wsnic.relay.fairness import FairShareBoard
 from wsnic.relay.links import AttachPort, LinkServer, ReleasePorts
-from wsnic.relay.server import RelayServer
 from wsnic.relay.settings import RelaySettings
 
 log = logging.getLogger("wsnic.relay")
@@ -84,14 +81,11 @@ class _Worker:
 
 class WorkerPool:
     def __init__(self, settings: RelaySettings, attach_port: AttachPort,
-                 release_ports: ReleasePorts, count: int, *, serve_here: bool = False) -> None:
+                 release_ports: ReleasePorts, count: int) -> None:
         self.settings = settings
         # The workers' TAP ports are attached and released here, by the link backend.
         self.links = LinkServer(attach_port, release_ports)
-        self.count = count  # worker processes
-        self.serve_here = serve_here
-        self.local: RelayServer | None = None  # the relay in this process, with serve_here
-        self.local_active = 0
+        self.count = count
         self.workers: list[_Worker] = []
         self._listeners: list[tuple[socket.socket, bool]] = []
         self._accepting = False
@@ -102,7 +96,7 @@ class WorkerPool:
 
     @property
     def active(self) -> int:
-        return sum(w.active for w in self.workers) + self.local_active
+        return sum(w.active for w in self.workers)
 
     @property
     def queued(self) -> int:
@@ -115,21 +109,12 @@ class WorkerPool:
         """Start the workers, wait until each is ready, then listen."""
         self._loop = asyncio.get_running_loop()
         log.debug("acceptor open-file limit: %d", raise_fd_limit())  # queued clients hold fds
-        # One memory file for every relay's fair shares (wsnic.relay.fairness), a slot each:
-        # slot 0 is this process's relay (with serve_here), worker N has slot N.
-        first = 1 if self.serve_here else 0
-        slots = first + self.count
-        board = FairShareBoard.create_shared(slots)
+        # One memory file for every worker's fair shares (wsnic.relay.fairness); the workers
+        # map it, the acceptor needs no copy.
+        board = FairShareBoard.create_shared(self.count)
         try:
-            for index in range(first, slots):
-                self.workers.append(self._spawn(index, board, slots))
-            if self.serve_here:
-                self.local = RelayServer(
-                    self.settings, self.links.attach_port,
-                    release_ports=self.links.release_ports,
-                    on_connection_closed=self._local_closed,
-                    board=FairShareBoard.attach(os.dup(board), 0, slots),
-                )
+            for index in range(self.count):
+                self.workers.append(self._spawn(index, board))
         finally:
             os.close(board)
         for worker in self.workers:
@@ -137,20 +122,14 @@ class WorkerPool:
         await self._wait_ready()
         for worker in self.workers:
             self._watch(worker)
-        if self.local is not None:
-            await self.local.start(listen=False)
         srv = self.settings
         self._listen(srv.ws_port, tls=False)
         if srv.certificate is not None:
             self._listen(srv.wss_port, tls=True)
-        here = f"this process (pid {os.getpid()}) and " if self.local is not None else ""
-        log.info("relay runs in %s%d worker processes (pids %s)", here, self.count,
+        log.info("relay runs in %d worker processes (pids %s)", self.count,
                  ", ".join(str(w.proc.pid) for w in self.workers))
 
-    def _local_closed(self) -> None:
-        self.local_active -= 1
-
-    def _spawn(self, index: int, board: int, slots: int) -> _Worker:
+    def _spawn(self, index: int, board: int) -> _Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         links, their_links = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         settings = {
@@ -158,7 +137,7 @@ class WorkerPool:
             "index": index,
             "channel": theirs.fileno(),
             "links": their_links.fileno(),
-            "board": {"fd": board, "slot": index, "slots": slots},
+            "board": {"fd": board, "slot": index, "slots": self.count},
             "parent": os.getpid(),
             "log_level": logging.getLogger().getEffectiveLevel(),
         }
@@ -239,8 +218,6 @@ class WorkerPool:
                 worker.queue.popleft()[1].close()
             if worker.proc.poll() is None:
                 worker.proc.send_signal(signal.SIGTERM)
-        if self.local is not None:
-            await self.local.stop()
         deadline = time.monotonic() + STOP_WAIT
         for worker in self.workers:
             while worker.proc.poll() is None and time.monotonic() < deadline:
@@ -294,10 +271,6 @@ class WorkerPool:
             conn.close()
             return
         full = self.active >= self.settings.max_clients
-        if isinstance(worker, RelayServer):
-            self.local_active += 1
-            worker.adopt(conn, tls, full)
-            return
         kind = (b"t" if full else b"T") if tls else (b"p" if full else b"P")
         worker.active += 1
         if worker.queue or not self._pass(worker, kind, conn):
@@ -337,20 +310,15 @@ class WorkerPool:
         if not self._accepting and self._retry is None and self.queued < MAX_QUEUED // 2:
             self._resume_accepting()
 
-    def _choose(self) -> _Worker | RelayServer | None:
-        """The least busy relay (this process's first among equals, then round-robin)."""
-        relays: list[tuple[int, _Worker | RelayServer]] = [
-            (w.active, w) for w in self.workers if w.alive
-        ]
-        if self.local is not None and not self.local.stopping:
-            relays.insert(0, (self.local_active, self.local))
-        if not relays:
+    def _choose(self) -> _Worker | None:
+        alive = [w for w in self.workers if w.alive]
+        if not alive:
             return None
-        least = min(active for active, _ in relays)
-        candidates = [relay for active, relay in relays if active == least]
-        relay = candidates[self._next % len(candidates)]
+        least = min(w.active for w in alive)
+        candidates = [w for w in alive if w.active == least]
+        worker = candidates[self._next % len(candidates)]
         self._next += 1
-        return relay
+        return worker
 
     def _from_worker(self, worker: _Worker) -> None:
         while True:
@@ -384,7 +352,7 @@ class WorkerPool:
         worker.active = 0
         waiting = list(worker.queue)
         worker.queue.clear()
-        if not any(w.alive for w in self.workers) and self.local is None:
+        if not any(w.alive for w in self.workers):
             self.failed.set()
         # These never reached the dead worker: the others take them (or they are closed).
         for kind, conn in waiting:
