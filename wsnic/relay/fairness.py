@@ -9,15 +9,18 @@ every frame. No qdisc helps: tun never stops its queue, so nothing ever waits in
 So the relay drops before the kernel does, fairly:
 
 * The sink's relay notices a backlog: a read pass on its TAP ends at READ_BATCH frames instead
-  of EAGAIN. From then on (`SinkShare`) it counts, per tick, the frames it drained, the distinct
-  source MACs among them (the senders) and the frames the kernel dropped at the TAP's queue
-  (its tx_dropped counter, `TapDrops`). While the kernel drops more than LOSS of them and
-  there is more than one sender, the per-sender rate is drained / senders (times DECREASE once
-  set); each tick without such loss it grows by INCREASE, and it is lifted once it no longer
-  binds. A backlog alone is no reason (the queue is there to absorb bursts), and neither is one
-  sender alone: tail drop cannot be unfair to it.
-* It publishes (destination MAC, rate) for the MACs it drains frames for on a `FairShareBoard`:
-  shared memory with one slot per relay process.
+  of EAGAIN. From then on (`SinkShare`) it counts, per tick, the frames it drained and the frames
+  the kernel dropped at the TAP's queue (its tx_dropped counter, `TapDrops`), and once the
+  kernel drops, the unicast destination MACs of what it drains (the sink's own).
+* It publishes those MACs on a `FairShareBoard` (shared memory, one slot per relay process):
+  first with no limit (WATCH), which asks every relay to count its clients that send to them.
+  The senders are counted where they send, not where their frames arrive: a sender that tail
+  drop starves completely never shows up at the sink, yet it is one of those to be fair to.
+* While the kernel drops more than LOSS of the frames and there is more than one sender, the
+  per-sender rate is drained / senders (times DECREASE once set); each tick without such loss
+  it grows by INCREASE, and it is lifted once it no longer binds. A backlog alone is no reason
+  (the queue is there to absorb bursts), and neither is one sender alone: tail drop cannot be
+  unfair to it.
 * Every relay process reads the board each tick and polices what its clients send to those MACs
   with a token bucket per client and destination (`TokenBucket`); frames over the rate are
   dropped and counted as `policed` before they cost a TAP write.
@@ -29,6 +32,7 @@ lives in; traffic to other destinations is never touched.
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import socket
@@ -40,9 +44,9 @@ DECREASE = 0.9  # the rate while the backlog lasts, times the fair share
 INCREASE = 1.05  # per tick without backlog
 QUIET_TICKS = 10  # ticks without loss, and the rate above everything drained: lifted
 LOSS = 0.01  # of the frames towards the TAP: less is a burst, not congestion
-SENDER_MEMORY = 10  # ticks a source MAC counts as a sender after its last frame
-# Frames of each read pass whose MACs are looked at, and only once the kernel dropped: enough
-# to see every sender within SENDER_MEMORY, and no per-frame cost while nothing is lost.
+WATCH = math.inf  # a published "rate" that limits nothing: count the senders, that is all
+# Frames of each read pass whose destination MACs are looked at, and only once the kernel
+# dropped: no per-frame cost while nothing is lost.
 OBSERVE_FRAMES = 64
 MIN_RATE = 50.0  # frames/s: a sender is never shut out
 # A bucket holds this many seconds of its rate: a few reads' worth, and small enough that the
@@ -51,14 +55,25 @@ BURST_SECONDS = 0.005
 MIN_BURST = 16.0
 
 _HEADER = struct.Struct("=II")  # sequence (odd while the slot is being written), entries
-_ENTRY = struct.Struct("=6s2xd")  # destination MAC, frames/s per sender
+# destination MAC, kind, value: frames/s per sender (_LIMIT) or clients sending to it (_SENDERS)
+_ENTRY = struct.Struct("=6sBxd")
+_LIMIT = 0
+_SENDERS = 1
 SLOT_ENTRIES = 32
 SLOT_SIZE = _HEADER.size + SLOT_ENTRIES * _ENTRY.size
 _READ_TRIES = 4
 
 
+@dataclass
+class BoardView:
+    """What every relay published: the strictest limit per MAC, the senders per MAC in all."""
+
+    limits: dict[bytes, float] = field(default_factory=dict)
+    senders: dict[bytes, int] = field(default_factory=dict)
+
+
 class FairShareBoard:
-    """Per-destination rate limits, one slot per relay process, readable by every one.
+    """Per-destination limits and sender counts, one slot per relay process, read by every one.
 
     A slot is written only by its owner, under a sequence lock: the sequence is odd while the
     entries change, so a reader that sees it odd or changed reads again (or skips the slot this
@@ -94,23 +109,29 @@ class FairShareBoard:
             os.close(fd)
         return cls(memory, slot, slots)
 
-    def publish(self, limits: dict[bytes, float]) -> None:
-        """Replace this process's entries (at most SLOT_ENTRIES, the strictest first)."""
-        entries = sorted(limits.items(), key=lambda item: item[1])[:SLOT_ENTRIES]
+    def publish(self, limits: dict[bytes, float], senders: dict[bytes, int]) -> None:
+        """Replace this process's entries: its limits (the strictest first), then its sender
+        counts, SLOT_ENTRIES at most in all."""
+        entries = [(mac, _LIMIT, rate) for mac, rate in sorted(limits.items(),
+                                                               key=lambda item: item[1])]
+        entries += [(mac, _SENDERS, float(count)) for mac, count in senders.items()]
+        entries = entries[:SLOT_ENTRIES]
         base = self.slot * SLOT_SIZE
         memory = self.memory
         self._sequence += 1  # odd: being written
         _HEADER.pack_into(memory, base, self._sequence, 0)
         offset = base + _HEADER.size
-        for mac, rate in entries:
-            _ENTRY.pack_into(memory, offset, mac, rate)
+        for mac, kind, value in entries:
+            _ENTRY.pack_into(memory, offset, mac, kind, value)
             offset += _ENTRY.size
         self._sequence += 1
         _HEADER.pack_into(memory, base, self._sequence, len(entries))
 
-    def limits(self) -> dict[bytes, float]:
-        """Every process's entries; a MAC limited by more than one gets the lowest rate."""
-        out: dict[bytes, float] = {}
+    def read(self) -> BoardView:
+        """Every process's entries: a MAC limited by more than one gets the lowest rate, and
+        its senders are added up."""
+        view = BoardView()
+        limits, senders = view.limits, view.senders
         memory = self.memory
         for slot in range(self.slots):
             base = slot * SLOT_SIZE
@@ -121,11 +142,15 @@ class FairShareBoard:
                 raw = memory[base + _HEADER.size : base + _HEADER.size + count * _ENTRY.size]
                 if _HEADER.unpack_from(memory, base)[0] != sequence:
                     continue
-                for mac, rate in _ENTRY.iter_unpack(raw):
-                    if rate < out.get(mac, float("inf")):
-                        out[mac] = rate
+                for mac, kind, value in _ENTRY.iter_unpack(raw):
+                    if kind == _SENDERS:
+                        senders[mac] = senders.get(mac, 0) + int(value)
+                    elif value < limits.get(mac, math.inf):
+                        limits[mac] = value
+                    elif mac not in limits:
+                        limits[mac] = value  # WATCH
                 break
-        return out
+        return view
 
     def close(self) -> None:
         self.memory.close()
@@ -140,58 +165,49 @@ class SinkShare:
     destination no longer needs policing.
     """
 
+    # None: nothing published; WATCH: senders are being counted; else frames/s per sender
     rate: float | None = None
     drained: int = 0  # frames read from the TAP this tick
-    ticks: int = 0
-    # source MAC -> the last tick a frame from it was drained: a sender starved by tail drop
-    # still gets the odd frame through within SENDER_MEMORY ticks, and so counts
-    sources: dict[bytes, int] = field(default_factory=dict)
-    destinations: set[bytes] = field(default_factory=set)  # destination MACs drained
+    destinations: set[bytes] = field(default_factory=set)  # unicast destination MACs drained
     quiet: int = 0  # ticks in a row without loss
-    observing: bool = False  # the kernel dropped in the last tick, or a limit is set
+    observing: bool = False  # the kernel dropped in the last tick, or something is published
 
     def observe(self, frames: list[bytes]) -> None:
-        """Note the MACs of (a sample of) the frames drained."""
-        sources = self.sources
+        """Note the unicast destination MACs of (a sample of) the frames drained."""
         destinations = self.destinations
-        now = self.ticks
         for frame in frames:
-            sources[frame[6:12]] = now
-            destinations.add(frame[:6])
+            if not frame[0] & 1:  # group addresses reach every port: not this sink's to police
+                destinations.add(frame[:6])
 
-    def senders(self) -> int:
-        """Source MACs seen within the last SENDER_MEMORY ticks."""
-        oldest = self.ticks - SENDER_MEMORY
-        self.sources = {mac: seen for mac, seen in self.sources.items() if seen >= oldest}
-        return len(self.sources)
-
-    def tick(self, seconds: float, dropped: int) -> bool:
-        """One tick: `dropped` frames were lost at the TAP's queue since the last. Sets `rate`;
-        False once there is nothing left to watch (no loss for QUIET_TICKS, no limit)."""
+    def tick(self, seconds: float, dropped: int, senders: int) -> bool:
+        """One tick: `dropped` frames were lost at the TAP's queue since the last, and
+        `senders` clients (counted by every relay) sent to its destinations. Sets `rate`;
+        False once there is nothing left to watch (no loss for QUIET_TICKS, nothing published)."""
         drain_rate = self.drained / seconds if seconds > 0 else 0.0
-        senders = self.senders()
-        self.ticks += 1
-        if senders < 2:
-            self.rate = None
-        if senders >= 2 and dropped > LOSS * (self.drained + dropped):
+        if dropped > LOSS * (self.drained + dropped):
             self.quiet = 0
-            share = drain_rate / senders
-            if self.rate is None:
-                self.rate = max(MIN_RATE, share)
+            if senders < 2:
+                self.rate = WATCH  # none, or one alone: count them, limit nobody
+            elif self.rate is None or self.rate == WATCH:
+                self.rate = max(MIN_RATE, drain_rate / senders)
             else:
-                self.rate = max(MIN_RATE, min(self.rate, share) * DECREASE)
+                self.rate = max(MIN_RATE, min(self.rate, drain_rate / senders) * DECREASE)
         else:
             self.quiet += 1
             if self.rate is not None:
                 if self.quiet >= QUIET_TICKS and self.rate >= drain_rate:
-                    self.rate = None  # the limit no longer binds anybody
-                else:
+                    self.rate = None  # the limit no longer binds anybody (WATCH included)
+                elif self.rate != WATCH:
                     self.rate *= INCREASE
         self.drained = 0
         self.observing = dropped > 0 or self.rate is not None
         if self.rate is None:
             self.destinations = set()
         return self.rate is not None or self.quiet < QUIET_TICKS
+
+    @property
+    def limiting(self) -> bool:
+        return self.rate is not None and self.rate != WATCH
 
 
 class TapDrops:

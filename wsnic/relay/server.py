@@ -42,7 +42,14 @@ from websockets.typing import Subprotocol
 
 from wsnic.errors import BackendError, ConfigError
 from wsnic.relay import http as answers
-from wsnic.relay.fairness import OBSERVE_FRAMES, FairShareBoard, SinkShare, TapDrops, TokenBucket
+from wsnic.relay.fairness import (
+    OBSERVE_FRAMES,
+    WATCH,
+    FairShareBoard,
+    SinkShare,
+    TapDrops,
+    TokenBucket,
+)
 from wsnic.relay.fairness import TICK as FAIR_TICK
 from wsnic.relay.frames import Drop, is_fast_binary, split_client_frames, ws_binary_header
 from wsnic.relay.session import OP_BINARY, Counters, IdleAction, Phase, Policy, Session
@@ -238,6 +245,8 @@ class _Connection(asyncio.Protocol):
         self._release_tap()
         self.server.connections.discard(self)
         self.server.policing.discard(self)
+        for senders in self.server.sending.values():
+            senders.discard(self)
         session = self.session
         if not self.reason:
             self.reason = f"connection lost: {exc}" if exc else "connection closed"
@@ -322,8 +331,15 @@ class _Connection(asyncio.Protocol):
         """False when `frame` goes to a destination that backs up and this client is over its
         share towards it (see wsnic.relay.fairness)."""
         destination = bytes(frame[:6])
-        rate = self.server.limits.get(destination)
+        server = self.server
+        rate = server.limits.get(destination)
         if rate is None:
+            return True
+        senders = server.sending.get(destination)
+        if senders is None:
+            senders = server.sending[destination] = set()
+        senders.add(self)
+        if rate == WATCH:
             return True
         now = self.session.last_heard  # set when these frames arrived
         buckets = self.buckets
@@ -625,6 +641,8 @@ class RelayServer:
         # workers through `board`; `limits` is what every process published, read each tick.
         self.board = board if board is not None else FairShareBoard.private()
         self.limits: dict[bytes, float] = {}
+        # the clients that sent to each watched destination this tick (published as counts)
+        self.sending: dict[bytes, set[_Connection]] = {}
         self.sharing: set[_Connection] = set()  # clients whose TAP backs up (SinkShare)
         self.policing: set[_Connection] = set()  # clients with a token bucket
         self._published = False
@@ -828,6 +846,7 @@ class RelayServer:
         everybody's (see wsnic.relay.fairness)."""
         now = self.loop.time()
         seconds, self._fair_stamp = now - self._fair_stamp, now
+        counted = self.board.read().senders  # as every relay published them last tick
         published: dict[bytes, float] = {}
         for conn in list(self.sharing):
             share = conn.share
@@ -835,26 +854,29 @@ class RelayServer:
             if share is None or total is None:
                 conn._end_share()
                 continue
-            was = share.rate
-            watching = share.tick(seconds, total - conn.kernel_drops)
+            was = share.limiting
+            senders = max((counted.get(mac, 0) for mac in share.destinations), default=0)
+            watching = share.tick(seconds, total - conn.kernel_drops, senders)
             conn.kernel_drops = total
             rate = share.rate
-            if was is not None and rate is None:
+            if was and not share.limiting:
                 log.info("%s: its TAP keeps up again; senders towards it are no longer "
                          "limited", conn.session.peer)
+            elif share.limiting and not was:
+                log.info("%s: its TAP backs up; each of %d senders towards it is limited to its "
+                         "share, %.0f frames/s", conn.session.peer, senders, rate)
             if not watching:
                 conn._end_share()
             if rate is None:
                 continue
-            if was is None:
-                log.info("%s: its TAP backs up; each of %d senders towards it is limited to its "
-                         "share, %.0f frames/s", conn.session.peer, len(share.sources), rate)
             for mac in share.destinations:
                 published[mac] = min(rate, published.get(mac, rate))
-        if published or self._published:
-            self.board.publish(published)
-            self._published = bool(published)
-        limits = self.board.limits()
+        sending = {mac: len(conns) for mac, conns in self.sending.items()}
+        self.sending = {}
+        if published or sending or self._published:
+            self.board.publish(published, sending)
+            self._published = bool(published or sending)
+        limits = self.board.read().limits
         if limits.keys() != self.limits.keys():
             for conn in self.policing:
                 conn.buckets = None
@@ -874,7 +896,7 @@ class RelayServer:
         if self._fair_timer is not None:
             self._fair_timer.cancel()
         if self._published:
-            self.board.publish({})
+            self.board.publish({}, {})
         for server in self._servers:
             server.close()
         for conn in list(self.connections):
