@@ -750,16 +750,16 @@ class RelayServer:
     # --- lifecycle --------------------------------------------------------------------------
 
     def _ssl_context(self) -> ssl.SSLContext:
-        tls = self.settings
-        assert tls.certificate is not None
+        certificate, key_file = self.settings.certificate, self.settings.private_key
+        assert certificate is not None
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
-            context.load_cert_chain(tls.certificate, tls.private_key)
+            context.load_cert_chain(certificate, key_file)
         except (OSError, ssl.SSLError) as exc:
-            key = f" with key {tls.private_key}" if tls.private_key else ""
+            key = f" with key {key_file}" if key_file else ""
             raise ConfigError(
-                f"cannot load the TLS certificate {tls.certificate}{key}: {exc}"
+                f"cannot load the TLS certificate {certificate}{key}: {exc}"
             ) from exc
         return context
 
